@@ -1,0 +1,7 @@
+"""sphrun: train scale-invariant networks on the sphere and study their loss landscape."""
+
+__version__ = "0.1.0"
+
+
+class SphrunError(Exception):
+    """A user-facing problem (bad input, foreign file): the CLI prints one line and exits 2."""

@@ -1,0 +1,3 @@
+from sphrun.cli import main
+
+main()

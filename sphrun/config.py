@@ -1,0 +1,112 @@
+"""Settings of a training run, frozen, and their JSON form in config.json."""
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from sphrun import SphrunError
+
+DATASETS = ("cifar10", "cifar100", "synthetic")
+LOSSES = ("ce", "mse")
+MODELS = ("convnet",)
+STEPS = ("sgd",)
+DEFAULT_INIT_SCALE = {"ce": 10.0, "mse": 1.5}  # Frobenius norm of the frozen last layer (PAPER.md §1)
+
+# Settings that may differ between invocations on the same run directory: they change how long the
+# run goes or where it computes, never the trajectory it follows.
+NON_IDENTITY_FIELDS = ("epochs", "iters", "device", "keep", "data_dir")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    elr: float
+    loss: str = "ce"
+    dataset: str = "cifar10"
+    data_dir: str = "./data"
+    subset: float | None = None  # a fraction in (0, 1] or a count of train images (> 1)
+    model: str = "convnet"
+    width: int = 32
+    init_scale: float | None = None  # None: the paper's default for the loss
+    seed: int = 0  # init of the scale-invariant (trainable) weights
+    head_seed: int = 0  # init of the frozen last layer, shared by all runs so they live in one function space
+    data_seed: int = 0  # batch order, shared by all runs of a sweep
+    batch_size: int = 128
+    epochs: int | None = 1000
+    iters: int | None = None  # overrides epochs when given
+    eval_every: int | None = None  # steps between evaluation points; None: log-spaced
+    keep: int | None = None  # keep every keep-th evaluation checkpoint (the first and last always)
+    step: str = "sgd"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.init_scale is None and self.loss in DEFAULT_INIT_SCALE:
+            object.__setattr__(self, "init_scale", DEFAULT_INIT_SCALE[self.loss])
+        validate(self)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise SphrunError(f"unknown settings {sorted(unknown)} in config.json")
+        return cls(**d)
+
+    def identity(self):
+        """The settings that fix the trajectory: two invocations may share a run directory iff equal."""
+        d = self.to_dict()
+        for name in NON_IDENTITY_FIELDS:
+            d.pop(name)
+        return d
+
+    def default_run_name(self):
+        parts = [self.dataset]
+        if self.subset is not None:
+            parts.append(f"sub{self.subset:g}")
+        parts += [f"{self.model}{self.width}", self.loss, f"elr{self.elr:.3g}", f"s{self.seed}"]
+        defaults = TrainConfig(elr=self.elr, loss=self.loss)
+        rest = {k: v for k, v in self.identity().items()
+                if k not in ("dataset", "subset", "model", "width", "loss", "elr", "seed")
+                and v != getattr(defaults, k)}
+        if rest:  # other non-default settings: a short digest keeps names unique and readable
+            parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
+        return "-".join(parts)
+
+
+def validate(c):
+    def need(ok, message):
+        if not ok:
+            raise SphrunError(message)
+
+    need(isinstance(c.elr, (int, float)) and math.isfinite(c.elr) and c.elr > 0,
+         f"--elr must be a positive finite number, got {c.elr}")
+    need(c.loss in LOSSES, f"unknown loss {c.loss!r}: choose one of {', '.join(LOSSES)}")
+    need(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
+    need(c.model in MODELS, f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
+    need(c.step in STEPS, f"unknown step {c.step!r}: choose one of {', '.join(STEPS)}")
+    need(c.width >= 1, f"--width must be at least 1, got {c.width}")
+    need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
+    need(math.isfinite(c.init_scale) and c.init_scale > 0, f"--init-scale must be positive, got {c.init_scale}")
+    if c.subset is not None:
+        need(0 < c.subset <= 1 or (c.subset > 1 and float(c.subset).is_integer()),
+             f"--subset must be a fraction in (0, 1] or a whole count of images, got {c.subset:g}")
+    need(c.iters is not None or c.epochs is not None, "give --epochs or --iters")
+    need(c.iters is None or c.iters >= 1, f"--iters must be at least 1, got {c.iters}")
+    need(c.epochs is None or c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}")
+    need(c.eval_every is None or c.eval_every >= 1, f"--eval-every must be at least 1, got {c.eval_every}")
+    need(c.keep is None or c.keep >= 1, f"--keep must be at least 1, got {c.keep}")
+
+
+def parse_subset(text):
+    """'0.1' -> 0.1 (a fraction), '5000' -> 5000.0 (a count); None stays None."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SphrunError(f"--subset must be a fraction like 0.1 or a count like 5000, got {text!r}")
+    return value

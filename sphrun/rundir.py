@@ -1,0 +1,189 @@
+"""The run directory (DESIGN.md contract): its one writer and its one reader.
+
+    RUN/config.json                  settings, data source, versions, command line, parent, status
+    RUN/metrics.csv                  one row per evaluation point, flushed as written
+    RUN/checkpoints/iter-NNNNNNN.pt  state at an evaluation point, enough to resume exactly
+    RUN/checkpoints/last.pt          the newest state
+    RUN/curvature.csv                written by `sphrun curvature`
+
+Every file but metrics.csv is written whole to a temporary name and renamed, so a crash never leaves
+half a file; metrics.csv rows past the newest checkpoint are dropped on resume.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import socket
+import tempfile
+
+import torch
+
+from sphrun import SphrunError
+
+METRICS_COLUMNS = ("iter", "epoch", "elr", "train_loss", "train_err", "test_loss", "test_err", "gm",
+                   "si_norm", "cos_prev", "cos_init", "proj_err", "wall_s")
+STATUSES = ("running", "done", "diverged", "interrupted")
+CHECKPOINT_NAME = re.compile(r"iter-(\d{7,})\.pt$")
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = str(path)
+        self.config_path = os.path.join(self.path, "config.json")
+        self.metrics_path = os.path.join(self.path, "metrics.csv")
+        self.checkpoint_dir = os.path.join(self.path, "checkpoints")
+
+    def __str__(self):
+        return self.path
+
+    def exists(self):
+        return os.path.isfile(self.config_path)
+
+    # --- config.json -------------------------------------------------------------------------------
+    def read_config(self):
+        try:
+            with open(self.config_path) as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise SphrunError(f"{self.path} is not a sphrun run (no config.json)")
+        except (OSError, ValueError) as e:
+            raise SphrunError(f"{self.config_path} is unreadable or not JSON: {e}")
+        if not isinstance(config, dict) or "settings" not in config or config.get("status") not in STATUSES:
+            raise SphrunError(f"{self.config_path} is not a sphrun run configuration")
+        return config
+
+    def write_config(self, config):
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        write_text(self.config_path, json.dumps(config, indent=2) + "\n")
+
+    def set_status(self, status):
+        config = self.read_config()
+        config["status"] = status
+        self.write_config(config)
+
+    # --- metrics.csv -------------------------------------------------------------------------------
+    def read_metrics(self):
+        """Rows as dicts of floats ('iter' as int); [] when no row was written yet."""
+        try:
+            with open(self.metrics_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except FileNotFoundError:
+            return []
+        try:
+            return [{k: int(v) if k == "iter" else float(v) for k, v in row.items()} for row in rows]
+        except (TypeError, ValueError):
+            raise SphrunError(f"{self.metrics_path} has a malformed row")
+
+    def append_metrics(self, row):
+        new = not os.path.exists(self.metrics_path)
+        with open(self.metrics_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: format_value(row[k]) for k in METRICS_COLUMNS})
+            f.flush()
+
+    def truncate_metrics(self, last_iter):
+        """Drop rows past `last_iter` (written after the newest checkpoint by a killed process)."""
+        rows = [r for r in self.read_metrics() if r["iter"] <= last_iter]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: format_value(row[k]) for k in METRICS_COLUMNS})
+        write_text(self.metrics_path, buffer.getvalue())
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def checkpoint_path(self, which):
+        name = "last.pt" if which == "last" else f"iter-{int(which):07d}.pt"
+        return os.path.join(self.checkpoint_dir, name)
+
+    def checkpoint_iters(self):
+        try:
+            names = os.listdir(self.checkpoint_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for m in map(CHECKPOINT_NAME.match, names) if m)
+
+    def has_checkpoint(self, which):
+        return os.path.isfile(self.checkpoint_path(which))
+
+    def save_checkpoint(self, state, at_eval_point):
+        """Write `state` as last.pt and, at an evaluation point, as iter-NNNNNNN.pt too."""
+        targets = ["last"] + ([state["iter"]] if at_eval_point else [])
+        for which in targets:
+            atomic_write(self.checkpoint_path(which), lambda f: torch.save(state, f))
+
+    def remove_checkpoint(self, it):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.checkpoint_path(it))
+
+    def load_checkpoint(self, which="last"):
+        path = self.checkpoint_path(which)
+        if not os.path.isfile(path):
+            available = ", ".join(map(str, self.checkpoint_iters())) or "none"
+            raise SphrunError(f"{self.path} has no checkpoint {which} (checkpoints at steps: {available})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SphrunError(f"{path} is corrupt ({type(e).__name__}); "
+                              f"delete it to resume from an earlier checkpoint")
+        if not isinstance(state, dict) or "model" not in state or "iter" not in state:
+            raise SphrunError(f"{path} is not a sphrun checkpoint")
+        return state
+
+    # --- lock --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold RUN/.lock while writing, so two processes never write one run; names the holder."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: go on unlocked
+            yield
+            return
+        os.makedirs(self.path, exist_ok=True)
+        with open(os.path.join(self.path, ".lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise SphrunError(f"{self.path} is being written by {holder}; wait for it or choose another run")
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def format_value(value):
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.9g}"

@@ -1,0 +1,297 @@
+"""The training loop on the sphere: steps, evaluation points, checkpoints, resume.
+
+A run's state at a step is everything its future depends on: the weights and BatchNorm buffers, the
+step count, rho0, and what the next metrics row needs (the weights at init and at the previous
+evaluation point, the projection error accumulated since then). The batch order is a pure function of
+(data seed, step), so no random state has to be saved, and evaluation never touches this state.
+"""
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sphrun import SphrunError, __version__
+from sphrun.config import TrainConfig
+from sphrun.data import BatchOrder, load_data
+from sphrun.metrics import batch_loss, cosine, eval_metrics, train_metrics
+from sphrun.models import build_model, trainable_scale_invariant
+from sphrun.progress import StepProgress, message
+from sphrun.rundir import RunDir
+from sphrun.sphere import global_norm, learning_rate, step_on_sphere
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: the state was saved and the run marked interrupted."""
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SphrunError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SphrunError(f"--device {name}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise SphrunError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def evaluation_steps(origin, total, steps_per_epoch, eval_every=None):
+    """Steps at which a run starting at `origin` and ending at `total` is evaluated.
+
+    Log-spaced by default: every epoch for the first 10 epochs, then about 10 points per decade of
+    epochs (13, 16, 20, 25, 32, ...), and always the last step. `eval_every` steps otherwise.
+    """
+    if eval_every:
+        offsets = range(0, total - origin, eval_every)
+    else:
+        epochs, k = list(range(11)), 1
+        while epochs[-1] * steps_per_epoch < total - origin:
+            epochs.append(max(epochs[-1] + 1, round(10 ** (1 + k / 10))))
+            k += 1
+        offsets = [e * steps_per_epoch for e in epochs]
+    return sorted({origin + o for o in offsets if origin + o < total} | {total})
+
+
+@dataclass
+class RunState:
+    iter: int
+    rho0: float
+    theta_init: list
+    theta_prev: list
+    proj_err_sum: torch.Tensor  # sum of 1 - r over the steps since the previous evaluation point
+    proj_err_steps: int
+    wall_s: float
+
+    def checkpoint(self, model, elr):
+        return {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model.state_dict(),
+                "theta_init": self.theta_init, "theta_prev": self.theta_prev,
+                "proj_err_sum": self.proj_err_sum, "proj_err_steps": self.proj_err_steps,
+                "wall_s": self.wall_s}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, model, params, path):
+        try:
+            model.load_state_dict(ckpt["model"])
+            device = params[0].device
+            to_device = lambda ts: [t.to(device) for t in ts]
+            return cls(int(ckpt["iter"]), float(ckpt["rho0"]), to_device(ckpt["theta_init"]),
+                       to_device(ckpt["theta_prev"]), ckpt["proj_err_sum"].to(device),
+                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]))
+        except (KeyError, RuntimeError, AttributeError, TypeError) as e:
+            raise SphrunError(f"{path} does not fit this model ({type(e).__name__})")
+
+
+def fresh_state(params):
+    theta = [p.detach().clone() for p in params]
+    return RunState(0, global_norm(params).item(), theta, theta,
+                    torch.zeros((), device=params[0].device), 0, 0.0)
+
+
+def prepare(config, device):
+    """Data, model and batch order of a configuration, the model's trainable weights checked SI."""
+    data = load_data(config.dataset, config.data_dir, config.subset, device)
+    model = build_model(config.model, config.width, data.num_classes, config.init_scale,
+                        config.seed, config.head_seed).to(device)
+    params = trainable_scale_invariant(model)
+    order = BatchOrder(len(data.train_y), config.batch_size, config.data_seed, device)
+    return data, model, params, order
+
+
+def evaluate(model, params, data, config, order, state, elr):
+    """The metrics.csv row of the current state; resets the projection-error accumulator."""
+    start = time.perf_counter()
+    train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, config.loss,
+                                              config.batch_size, order.permutation(0))
+    test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, config.loss)
+    steps = max(state.proj_err_steps, 1)
+    row = {"iter": state.iter, "epoch": state.iter / order.steps_per_epoch, "elr": elr,
+           "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
+           "gm": gm, "si_norm": global_norm(params).item(), "cos_prev": cosine(params, state.theta_prev),
+           "cos_init": cosine(params, state.theta_init), "proj_err": state.proj_err_sum.item() / steps}
+    state.theta_prev = [p.detach().clone() for p in params]
+    state.proj_err_sum = torch.zeros_like(state.proj_err_sum)
+    state.proj_err_steps = 0
+    state.wall_s += time.perf_counter() - start
+    row["wall_s"] = state.wall_s
+    return row
+
+
+def is_finite_row(row):
+    return all(math.isfinite(row[k]) for k in ("train_loss", "gm", "si_norm"))
+
+
+class StopRequest:
+    """Turns the first Ctrl-C into a flag the loop checks between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user insists
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run_steps(run, config, model, params, data, order, state, total, eval_steps, elr_at):
+    """Train from state.iter to `total`, evaluating and checkpointing at `eval_steps`.
+
+    Returns the final status: done or diverged; raises Interrupted after saving on Ctrl-C.
+    """
+    keep_iter_file = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
+    pending = [s for s in eval_steps if s > state.iter]
+    nonfinite = torch.zeros((), dtype=torch.bool, device=params[0].device)
+    rho = state.rho0
+    with StopRequest() as stop, StepProgress(total, start=state.iter) as bar:
+        tick = time.perf_counter()
+        while state.iter < total:
+            elr = elr_at(state.iter)
+            idx = order.indices(state.iter)
+            loss = batch_loss(model(data.train_x[idx]), data.train_y[idx], config.loss)
+            grads = torch.autograd.grad(loss, params)
+            proj_err = step_on_sphere(params, torch._foreach_neg(grads), learning_rate(elr, rho), rho)
+            state.proj_err_sum += proj_err
+            state.proj_err_steps += 1
+            state.iter += 1
+            nonfinite |= ~torch.isfinite(loss) | ~torch.isfinite(proj_err)
+            at_eval = pending and state.iter == pending[0]
+            if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
+                if nonfinite.item():
+                    return diverged(run, state)
+                bar.update(state.iter, loss.item(), elr)
+            if at_eval:
+                pending.pop(0)
+                now = time.perf_counter()
+                state.wall_s += now - tick
+                row = evaluate(model, params, data, config, order, state, elr)
+                if not is_finite_row(row):
+                    return diverged(run, state)
+                run.append_metrics(row)
+                run.save_checkpoint(state.checkpoint(model, elr), at_eval_point=keep_iter_file[state.iter])
+                bar.log(format_row(row))
+                tick = time.perf_counter()
+            if stop.requested:
+                state.wall_s += time.perf_counter() - tick
+                run.save_checkpoint(state.checkpoint(model, elr), at_eval_point=False)
+                run.set_status("interrupted")
+                raise Interrupted(f"interrupted at step {state.iter}: checkpoint saved in {run}; "
+                                  f"run the same command to resume")
+    run.set_status("done")
+    return "done"
+
+
+def diverged(run, state):
+    run.set_status("diverged")
+    message(f"warning: {run} diverged (non-finite loss or norm) before step {state.iter}; "
+            f"status diverged, metrics so far kept")
+    return "diverged"
+
+
+def format_row(row):
+    return (f"step {row['iter']:>7d}  epoch {row['epoch']:8.2f}  train loss {row['train_loss']:.4g}  "
+            f"train err {row['train_err']:.3f}  test err {row['test_err']:.3f}  gm {row['gm']:.4g}")
+
+
+def total_steps(config, steps_per_epoch):
+    return config.iters if config.iters is not None else config.epochs * steps_per_epoch
+
+
+def run_record(config, data, order, rho0, argv, parent=None):
+    """config.json's content for a new run."""
+    return {"command": "train", "settings": config.to_dict(), "data_source": data.source,
+            "num_classes": data.num_classes, "train_size": len(data.train_y), "test_size": len(data.test_y),
+            "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
+            "versions": {"sphrun": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            "argv": list(argv)}
+
+
+def check_same_run(run, config):
+    """Refuse to continue a run directory that holds another configuration (length aside)."""
+    stored = run.read_config()
+    try:
+        theirs = TrainConfig.from_dict(stored["settings"]).identity()
+    except (SphrunError, TypeError) as e:
+        raise SphrunError(f"{run.config_path} has unusable settings: {e}")
+    ours = config.identity()
+    differing = [k for k in ours if ours[k] != theirs.get(k)]
+    if differing:
+        detail = ", ".join(f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in differing)
+        raise SphrunError(f"{run} holds a run of another configuration ({detail}); "
+                          f"choose another --out or repeat its settings")
+    return stored
+
+
+def default_run_path(config):
+    return f"runs/{config.default_run_name()}"
+
+
+def train(config, out=None, argv=()):
+    """Start, resume or extend the run of `config` in `out`; returns the run directory and its status."""
+    device = resolve_device(config.device)
+    run = RunDir(out or default_run_path(config))
+    stored = check_same_run(run, config) if run.exists() else None
+    checkpoint = run.load_checkpoint("last") if stored else None
+    data, model, params, order = prepare(config, device)
+    total = total_steps(config, order.steps_per_epoch)
+    if stored:
+        state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path("last"))
+        if stored["status"] == "diverged":
+            message(f"{run} diverged earlier; nothing to do")
+            return run, "diverged"
+        if state.iter > total:
+            raise SphrunError(f"{run} is already at step {state.iter}, past the {total} steps asked; "
+                              f"ask for more steps to extend it")
+        if state.iter == total and stored["status"] == "done":
+            message(f"{run} is complete ({total} steps); ask for more --epochs or --iters to extend it")
+            return run, "done"
+    else:
+        state = fresh_state(params)
+    eval_steps = evaluation_steps(0, total, order.steps_per_epoch, config.eval_every)
+    with run.lock():
+        if stored:
+            run.truncate_metrics(state.iter)
+            run.set_status("running")
+            message(f"resuming {run} at step {state.iter} of {total}")
+        else:
+            run.write_config(run_record(config, data, order, state.rho0, argv))
+            message(f"training {run}: {total} steps ({order.steps_per_epoch} per epoch) on {device}")
+            row = evaluate(model, params, data, config, order, state, config.elr)
+            run.append_metrics(row)
+            run.save_checkpoint(state.checkpoint(model, config.elr), at_eval_point=True)
+        status = run_steps(run, config, model, params, data, order, state, total, eval_steps,
+                           elr_at=lambda step: config.elr)
+    return run, status
+
+
+def restore(path, which="last", device="cpu", data_dir=None):
+    """Rebuild a saved run at one of its checkpoints: (run, config, data, model, params, order, state).
+
+    `which` is "last" or a step with a checkpoint; `data_dir` overrides the stored one (the run may have
+    been made in another working directory).
+    """
+    run = RunDir(path)
+    stored = run.read_config()
+    try:
+        config = TrainConfig.from_dict(stored["settings"])
+    except (SphrunError, TypeError) as e:
+        raise SphrunError(f"{run.config_path} has unusable settings: {e}")
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    checkpoint = run.load_checkpoint(which)
+    data, model, params, order = prepare(config, resolve_device(device) if isinstance(device, str) else device)
+    state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path(which))
+    return run, config, data, model, params, order, state

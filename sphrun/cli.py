@@ -18,6 +18,15 @@ def _root():
     """Train scale-invariant networks on the sphere and study their loss landscape."""
 
 
+STEP_HELP = ("Step direction: sgd (-gradient); random (a uniformly random direction tangent to the sphere, "
+             "as long as the SGD step: the random-walk control of phase 3); ascent (+gradient).")
+GEODESIC_HELP = ("Geodesic steps: turn theta along the great circle by exactly the nominal angle "
+                 "elr * ||grad on the unit sphere|| (radians; the sphere's exponential map), so the realised "
+                 "ELR is the nominal one and proj_err reads 0. Projected steps (the default, the paper's): "
+                 "theta + lr * direction, then rescaled to rho0, which turns theta by only arctan of that "
+                 "angle (1 - r under 2 % in phases 1-2, large in phase 3).")
+
+
 def parse_elr(text):
     try:
         return float(text)
@@ -53,6 +62,8 @@ def train(
                                                         "every epoch for 10 epochs, then ~10 per decade]"),
     keep: Optional[int] = typer.Option(None, help="Keep the checkpoint of every K-th evaluation point "
                                                   "(first and last always). (default: all)"),
+    step: str = typer.Option("sgd", help=STEP_HELP),
+    geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Optional[str] = typer.Option(None, help="Run directory. (default: runs/<name from the settings>); "
                                                  "an existing one is resumed or extended."),
@@ -73,9 +84,160 @@ def train(
         data_dir=data_dir or os.environ.get("SPHRUN_DATA") or "./data", subset=parse_subset(subset),
         width=width, init_scale=init_scale, seed=seed, head_seed=head_seed, data_seed=data_seed,
         batch_size=batch_size, epochs=None if iters is not None else (epochs or 1000), iters=iters,
-        eval_every=eval_every, keep=keep, device=device)
+        eval_every=eval_every, keep=keep, step=step, geodesic=geodesic, device=device)
     run, status = training.train(config, out, argv=sys.argv)
     message(f"{run}: {status}")
+
+
+@app.command()
+def finetune(
+    run: str = typer.Argument(..., help="The parent run directory (made by sphrun train or finetune)."),
+    elr: str = typer.Option(..., help="The new effective learning rate on the unit sphere (dimensionless), "
+                                       "on the parent's sphere of radius rho0: lr = elr * rho0^2."),
+    start: str = typer.Option("last", "--from", help="The parent's checkpoint to start from: last, or the "
+                                                      "step of one (SGD steps since the lineage began)."),
+    iters: Optional[int] = typer.Option(None, help="Length of the fine-tune in SGD steps."),
+    epochs: Optional[int] = typer.Option(None, help="Length of the fine-tune in epochs, instead of --iters."),
+    transition: int = typer.Option(0, help="Steps D over which the ELR moves linearly from the parent's to "
+                                           "--elr (the k-th step uses parent + (elr - parent) * k / D), then "
+                                           "stays there. 0: a jump."),
+    step: str = typer.Option("sgd", help=STEP_HELP),
+    geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps from the start step. (default: "
+                                                        "log-spaced from the start step: every epoch for 10 "
+                                                        "epochs, then ~10 per decade)"),
+    data_dir: Optional[str] = typer.Option(None, help="Where the parent's data set is. (default: the "
+                                                      "parent's --data-dir)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[str] = typer.Option(None, help="Run directory of the fine-tune. (default: beside the "
+                                                 "parent, RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo]); an "
+                                                 "existing one is resumed or extended."),
+):
+    """Fine-tune a run from one of its checkpoints with a new ELR (PAPER.md §4, experiments 3-5).
+
+    Continues the parent on its sphere with its model, data, loss and batch stream: the new run's `iter`
+    column counts on from the start step, its config.json names the parent. With the parent's ELR and
+    step it reproduces the parent exactly. Running the same command again resumes or extends it.
+    """
+    from sphrun.finetune import finetune as fine_tune
+
+    child, status = fine_tune(run, parse_elr(elr), start, iters=iters, epochs=epochs, transition=transition,
+                              step=step, geodesic=geodesic, eval_every=eval_every, out=out, device=device,
+                              data_dir=data_dir, argv=sys.argv)
+    message(f"{child}: {status}")
+
+
+@app.command()
+def plot(
+    paths: list[str] = typer.Argument(..., help="Run directories, or folders searched for every run below "
+                                                "them (connect outputs for --kind connect)."),
+    kind: str = typer.Option("phase", help="phase: (train loss, GM) trajectories coloured by ELR; metrics: "
+                                           "final metrics against ELR with the phases, plus a phase table; "
+                                           "cosine: cosines between neighbouring checkpoints per ELR; "
+                                           "connect: metrics against alpha of sphrun connect outputs; "
+                                           "curvature: the phase diagram with a curvature.csv measure; "
+                                           "projection: the projection error 1 - r against ELR."),
+    out: Optional[str] = typer.Option(None, help="Figure file, .png, .svg or .pdf. (default: <kind>.png in "
+                                                 "the folder of the runs, <run>-<kind>.png beside one run)"),
+    x: Optional[str] = typer.Option(None, help="phase and curvature kinds: the x column, from metrics.csv "
+                                               "or curvature.csv. (default: train_loss)"),
+    y: Optional[str] = typer.Option(None, help="phase and curvature kinds: the y column. (default: gm; for "
+                                               "curvature the first measure in curvature.csv)"),
+):
+    """Draw the paper's figures from run directories, and tell which phase each run is in.
+
+    --kind metrics prints, and writes as CSV beside the figure, each run's ELR, final metrics, phase and
+    the evidence. The phase is read from the later half of the run (evaluation points at or after its
+    middle step), the rules tried in this order:
+
+    3 (divergence): the train error stays at chance, at least 90 % of 1 - 1/C at every point, and
+    neighbouring checkpoints are uncorrelated, median |cos_prev| under 0.2.
+
+    1 (convergence): the train error reached 0, or the train loss is still falling: down by more than
+    10 % over the later half, or down at 80 % of its evaluation points or more.
+
+    2 (chaotic equilibrium): train loss and GM stationary, each within 10 % over the later half, while
+    the train error is clearly below chance (under 90 % of 1 - 1/C).
+
+    undecided: fewer than 4 evaluation points in the later half, or no rule fits.
+    """
+    from sphrun.plot import plot as draw
+
+    message(f"wrote {draw(paths, kind, out=out, x=x, y=y)}")
+
+
+@app.command()
+def connect(
+    run_a: str = typer.Argument(..., help="Run directory of end A (alpha = 0)."),
+    run_b: str = typer.Argument(..., help="Run directory of end B (alpha = 1)."),
+    from_a: str = typer.Option("last", help="A's checkpoint: last, or the step of one."),
+    from_b: str = typer.Option("last", help="B's checkpoint: last, or the step of one."),
+    points: int = typer.Option(21, help="Number of alphas, evenly spaced in [0, 1], ends included (>= 2)."),
+    bn_batches: Optional[int] = typer.Option(None, help="Train batches (of A's batch size) over which each "
+                                                        "point's BatchNorm running statistics are recomputed, "
+                                                        "as a plain average. (default: all)"),
+    project: bool = typer.Option(True, help="Rescale each point to the sphere, radius (1 - alpha) rho_A + "
+                                            "alpha rho_B (the runs' radius). Only GM depends on it."),
+    data_dir: Optional[str] = typer.Option(None, help="Where A's data set is. (default: A's --data-dir)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[str] = typer.Option(None, help="Output folder. (default: connect/<A>@<step>--<B>@<step>"
+                                                 "[-p<points>][-bn<N>][-noproj])"),
+):
+    """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (PAPER.md §4.2).
+
+    At each point BatchNorm statistics are recomputed on the train set, then train loss/error and GM
+    are measured in BN train mode (batch statistics, as metrics.csv) and test loss/error in eval mode.
+    Writes OUT/connect.csv (alpha,train_loss,train_err,test_loss,test_err,gm; errors as fractions),
+    OUT/config.json (both ends, settings, and the barrier: the largest rise of an inner point above the
+    straight line between the ends, for train loss and test error) and OUT/connect.png. The runs must be
+    one function space (model, width, data, loss, frozen last layer); their seeds and ELRs may differ.
+    """
+    from sphrun.connect import connect as run_connect, parse_which
+
+    run_connect(run_a, run_b, parse_which(from_a, "--from-a"), parse_which(from_b, "--from-b"), points=points,
+                bn_batches=bn_batches, project=project, out=out,
+                device=device, data_dir=data_dir, argv=sys.argv)
+
+
+@app.command()
+def curvature(
+    run: str = typer.Argument(..., help="Run directory."),
+    at: str = typer.Option("all", help="Checkpoints to measure: all, last, or steps like 100,200."),
+    measures: str = typer.Option("gm,fisher-trace,hessian-trace,hessian-eig",
+                                 help="Comma-separated, from: gm (mean over batches of the SI gradient norm, "
+                                      "BN train mode always, as metrics.csv); fisher-trace (trace of the "
+                                      "Gauss-Newton matrix sum_b w_b J_b^T Q_b J_b, Q_b the Hessian of the "
+                                      "loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; "
+                                      "the Fisher for these losses); hessian-trace (trace of the Hessian of "
+                                      "the train loss); hessian-eig (the largest eigenvalue of that "
+                                      "Hessian: the top Ritz value of --lanczos Lanczos steps, which "
+                                      "approaches it from below). Matrices are over all SI parameters and "
+                                      "traces are totals over them, not per parameter."),
+    probes: int = typer.Option(5, help="Rademacher probe vectors per batch of the Hutchinson traces."),
+    lanczos: int = typer.Option(10, help="Lanczos steps (Hessian-vector products over all batches) of "
+                                         "hessian-eig."),
+    batches: Optional[int] = typer.Option(None, help="Measure over the first N train batches of the run's "
+                                                     "batch size, those of metrics.csv. (default: all)"),
+    bn_mode: str = typer.Option("train", help="BatchNorm during the second-order measures: train (batch "
+                                              "statistics, as the paper) or eval (running statistics)."),
+    recompute: bool = typer.Option(False, help="Measure again steps already in curvature.csv."),
+    seed: int = typer.Option(0, help="Seed of the probes and of the Lanczos start vector."),
+    data_dir: Optional[str] = typer.Option(None, help="Where the run's data set is. (default: its --data-dir)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+):
+    """Curvature of the train loss at a run's checkpoints (PAPER.md §2, §4.7; figures 22, 23).
+
+    The loss is sum_b w_b L_b over the train batches (w_b = |b| / images), BatchNorm in train mode by
+    default; BatchNorm buffers are left as found. Adds one row per step to RUN/curvature.csv (iter plus
+    one column per measure); steps and measures already there are skipped unless --recompute. The
+    settings used are kept in RUN/curvature.json, and values of other settings are never mixed in.
+    Cost per checkpoint in passes over the batches: gm 1, each trace --probes, hessian-eig --lanczos.
+    """
+    from sphrun.curvature import run_curvature
+
+    run_curvature(run, at, measures, probes=probes, lanczos=lanczos,
+                  batches=batches, bn_mode=bn_mode, recompute=recompute,
+                  seed=seed, device=device, data_dir=data_dir)
 
 
 def main():

@@ -11,7 +11,7 @@ from sphrun import SphrunError
 DATASETS = ("cifar10", "cifar100", "synthetic")
 LOSSES = ("ce", "mse")
 MODELS = ("convnet",)
-STEPS = ("sgd",)
+STEPS = ("sgd", "random", "ascent")  # the step direction: -grad, a random tangent one, +grad
 DEFAULT_INIT_SCALE = {"ce": 10.0, "mse": 1.5}  # Frobenius norm of the frozen last layer (PAPER.md §1)
 
 # Settings that may differ between invocations on the same run directory: they change how long the
@@ -38,12 +38,29 @@ class TrainConfig:
     eval_every: int | None = None  # steps between evaluation points; None: log-spaced
     keep: int | None = None  # keep every keep-th evaluation checkpoint (the first and last always)
     step: str = "sgd"
+    geodesic: bool = False  # move along the great circle (exponential map) instead of step-then-rescale
+    # A fine-tune (`sphrun finetune`) begins at step `origin` of its lineage, from its parent's checkpoint
+    # there; its ELR moves linearly from `elr_from` (the parent's) to `elr` over `transition` steps.
+    origin: int = 0
+    elr_from: float | None = None
+    transition: int = 0
     device: str = "auto"
 
     def __post_init__(self):
         if self.init_scale is None and self.loss in DEFAULT_INIT_SCALE:
             object.__setattr__(self, "init_scale", DEFAULT_INIT_SCALE[self.loss])
         validate(self)
+
+    def elr_at(self, step):
+        """The ELR of the step from `step` to step + 1 (steps counted over the lineage).
+
+        The k-th step of a transition (k = 1..D) uses elr_from + (elr - elr_from) * k / D, so the
+        transition lands on `elr` at its D-th step and D = 0 or 1 is a jump.
+        """
+        k = step - self.origin + 1
+        if self.elr_from is None or k >= self.transition:
+            return self.elr
+        return self.elr_from + (self.elr - self.elr_from) * max(k, 0) / self.transition
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -68,9 +85,13 @@ class TrainConfig:
         if self.subset is not None:
             parts.append(f"sub{self.subset:g}")
         parts += [f"{self.model}{self.width}", self.loss, f"elr{self.elr:.3g}", f"s{self.seed}"]
+        if self.step != "sgd":
+            parts.append(self.step)
+        if self.geodesic:
+            parts.append("geo")
         defaults = TrainConfig(elr=self.elr, loss=self.loss)
         rest = {k: v for k, v in self.identity().items()
-                if k not in ("dataset", "subset", "model", "width", "loss", "elr", "seed")
+                if k not in ("dataset", "subset", "model", "width", "loss", "elr", "seed", "step", "geodesic")
                 and v != getattr(defaults, k)}
         if rest:  # other non-default settings: a short digest keeps names unique and readable
             parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
@@ -88,6 +109,11 @@ def validate(c):
     need(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
     need(c.model in MODELS, f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
     need(c.step in STEPS, f"unknown step {c.step!r}: choose one of {', '.join(STEPS)}")
+    need(isinstance(c.geodesic, bool), f"geodesic must be true or false, got {c.geodesic!r}")
+    need(c.origin >= 0, f"the start step must be at least 0, got {c.origin}")
+    need(c.elr_from is None or (isinstance(c.elr_from, (int, float)) and math.isfinite(c.elr_from)
+                                and c.elr_from > 0), f"the starting ELR must be positive, got {c.elr_from}")
+    need(c.transition >= 0, f"--transition must be at least 0 steps, got {c.transition}")
     need(c.width >= 1, f"--width must be at least 1, got {c.width}")
     need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
     need(math.isfinite(c.init_scale) and c.init_scale > 0, f"--init-scale must be positive, got {c.init_scale}")

@@ -22,7 +22,7 @@ from sphrun.metrics import batch_loss, cosine, eval_metrics, train_metrics
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir
-from sphrun.sphere import global_norm, learning_rate, step_on_sphere
+from sphrun.sphere import global_norm, learning_rate, step_direction, step_on_sphere
 
 
 class Interrupted(Exception):
@@ -89,6 +89,16 @@ class RunState:
             raise SphrunError(f"{path} does not fit this model ({type(e).__name__})")
 
 
+@dataclass
+class Start:
+    """Where a new fine-tune begins: its parent's checkpoint, the parent's metrics row at that step (None
+    when the checkpoint is off its evaluation points) and the `parent` record for config.json."""
+    checkpoint: dict
+    path: str
+    row: dict | None
+    parent: dict
+
+
 def fresh_state(params):
     theta = [p.detach().clone() for p in params]
     return RunState(0, global_norm(params).item(), theta, theta,
@@ -150,6 +160,9 @@ class StopRequest:
 def run_steps(run, config, model, params, data, order, state, total, eval_steps, elr_at):
     """Train from state.iter to `total`, evaluating and checkpointing at `eval_steps`.
 
+    Each step moves along config.step's direction (projected, or geodesic with config.geodesic) with
+    the ELR elr_at(step); random directions are seeded by (config.seed, step), never saved.
+
     Returns the final status: done or diverged; raises Interrupted after saving on Ctrl-C.
     """
     keep_iter_file = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
@@ -163,7 +176,8 @@ def run_steps(run, config, model, params, data, order, state, total, eval_steps,
             idx = order.indices(state.iter)
             loss = batch_loss(model(data.train_x[idx]), data.train_y[idx], config.loss)
             grads = torch.autograd.grad(loss, params)
-            proj_err = step_on_sphere(params, torch._foreach_neg(grads), learning_rate(elr, rho), rho)
+            direction = step_direction(config.step, grads, params, config.seed, state.iter)
+            proj_err = step_on_sphere(params, direction, learning_rate(elr, rho), rho, config.geodesic)
             state.proj_err_sum += proj_err
             state.proj_err_steps += 1
             state.iter += 1
@@ -207,25 +221,34 @@ def format_row(row):
 
 
 def total_steps(config, steps_per_epoch):
-    return config.iters if config.iters is not None else config.epochs * steps_per_epoch
+    """The step a run ends at: its length (--iters, or --epochs) counted on from its origin."""
+    length = config.iters if config.iters is not None else config.epochs * steps_per_epoch
+    return config.origin + length
 
 
 def run_record(config, data, order, rho0, argv, parent=None):
     """config.json's content for a new run."""
-    return {"command": "train", "settings": config.to_dict(), "data_source": data.source,
-            "num_classes": data.num_classes, "train_size": len(data.train_y), "test_size": len(data.test_y),
+    return {"command": "finetune" if parent else "train", "settings": config.to_dict(),
+            "data_source": data.source, "num_classes": data.num_classes, "train_size": len(data.train_y),
+            "test_size": len(data.test_y),
             "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
             "versions": {"sphrun": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             "argv": list(argv)}
 
 
-def check_same_run(run, config):
-    """Refuse to continue a run directory that holds another configuration (length aside)."""
+def read_settings(run):
+    """A run's config.json and its settings as a TrainConfig."""
     stored = run.read_config()
     try:
-        theirs = TrainConfig.from_dict(stored["settings"]).identity()
+        return stored, TrainConfig.from_dict(stored["settings"])
     except (SphrunError, TypeError) as e:
         raise SphrunError(f"{run.config_path} has unusable settings: {e}")
+
+
+def check_same_run(run, config):
+    """Refuse to continue a run directory that holds another configuration (length aside)."""
+    stored, settings = read_settings(run)
+    theirs = settings.identity()
     ours = config.identity()
     differing = [k for k in ours if ours[k] != theirs.get(k)]
     if differing:
@@ -239,8 +262,12 @@ def default_run_path(config):
     return f"runs/{config.default_run_name()}"
 
 
-def train(config, out=None, argv=()):
-    """Start, resume or extend the run of `config` in `out`; returns the run directory and its status."""
+def train(config, out=None, argv=(), start=None):
+    """Start, resume or extend the run of `config` in `out`; returns the run directory and its status.
+
+    A new run starts from its init, or from `start`, a parent's checkpoint (a fine-tune); an existing
+    one resumes from its own last checkpoint.
+    """
     device = resolve_device(config.device)
     run = RunDir(out or default_run_path(config))
     stored = check_same_run(run, config) if run.exists() else None
@@ -256,25 +283,43 @@ def train(config, out=None, argv=()):
             raise SphrunError(f"{run} is already at step {state.iter}, past the {total} steps asked; "
                               f"ask for more steps to extend it")
         if state.iter == total and stored["status"] == "done":
-            message(f"{run} is complete ({total} steps); ask for more --epochs or --iters to extend it")
+            message(f"{run} is complete ({total - config.origin} steps); "
+                    f"ask for more --epochs or --iters to extend it")
             return run, "done"
+    elif start:
+        state = RunState.from_checkpoint(start.checkpoint, model, params, start.path)
     else:
         state = fresh_state(params)
-    eval_steps = evaluation_steps(0, total, order.steps_per_epoch, config.eval_every)
+    eval_steps = evaluation_steps(config.origin, total, order.steps_per_epoch, config.eval_every)
     with run.lock():
         if stored:
             run.truncate_metrics(state.iter)
             run.set_status("running")
             message(f"resuming {run} at step {state.iter} of {total}")
         else:
-            run.write_config(run_record(config, data, order, state.rho0, argv))
-            message(f"training {run}: {total} steps ({order.steps_per_epoch} per epoch) on {device}")
-            row = evaluate(model, params, data, config, order, state, config.elr)
-            run.append_metrics(row)
-            run.save_checkpoint(state.checkpoint(model, config.elr), at_eval_point=True)
+            what = "training"
+            if start:
+                what = f"fine-tuning {start.parent['run']} from step {config.origin} into"
+            message(f"{what} {run}: {total - config.origin} steps ({order.steps_per_epoch} per epoch) "
+                    f"on {device}")
+            begin(run, config, data, model, params, order, state, argv, start)
         status = run_steps(run, config, model, params, data, order, state, total, eval_steps,
-                           elr_at=lambda step: config.elr)
+                           elr_at=config.elr_at)
     return run, status
+
+
+def begin(run, config, data, model, params, order, state, argv, start):
+    """Write a new run's config.json, its first metrics row and checkpoint."""
+    run.write_config(run_record(config, data, order, state.rho0, argv, parent=start and start.parent))
+    if start and start.row:
+        # the parent's own row: the same weights, and its cos_prev and proj_err look back to the
+        # parent's previous evaluation point, as they would have without the fine-tune
+        row = start.row
+    else:
+        row = evaluate(model, params, data, config, order, state,
+                       float(start.checkpoint["elr"]) if start else config.elr)
+    run.append_metrics(row)
+    run.save_checkpoint(state.checkpoint(model, row["elr"]), at_eval_point=True)
 
 
 def restore(path, which="last", device="cpu", data_dir=None):
@@ -284,11 +329,7 @@ def restore(path, which="last", device="cpu", data_dir=None):
     been made in another working directory).
     """
     run = RunDir(path)
-    stored = run.read_config()
-    try:
-        config = TrainConfig.from_dict(stored["settings"])
-    except (SphrunError, TypeError) as e:
-        raise SphrunError(f"{run.config_path} has unusable settings: {e}")
+    _, config = read_settings(run)
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
     checkpoint = run.load_checkpoint(which)

@@ -82,6 +82,8 @@ def step_on_sphere(params, direction, lr, rho, geodesic=False):
     1 - r is a 0-d device tensor, accumulated without a host sync.
     """
     tiny = torch.finfo(params[0].dtype).tiny
+    # an absurd ELR must end as a non-finite (diverged) run, not as an overflow error of the scalar lr
+    lr = min(lr, torch.finfo(params[0].dtype).max)
     if geodesic:
         tangent = tangent_part(direction, params)  # SI gradients are tangent only up to round-off
         norm = global_norm(tangent)

@@ -34,10 +34,47 @@ def parse_elr(text):
         raise SphrunError(f"--elr must be a number like 7e-4, got {text!r}")
 
 
+def training_rate(sphere, elr, lr, wd, momentum):
+    """The rate of the steps: --elr on the sphere, --lr off it, each refused in the other's place."""
+    if sphere:
+        given = [name for name, value in (("--lr", lr), ("--wd", wd), ("--momentum", momentum)) if value is not None]
+        if given:
+            raise SphrunError(f"{', '.join(given)} set conventional training: add --no-sphere (on the sphere "
+                              f"the rate is --elr, with no weight decay or momentum)")
+        if elr is None:
+            raise SphrunError("give --elr, the effective learning rate on the sphere (or --no-sphere --lr X)")
+        return parse_elr(elr)
+    if elr is not None:
+        raise SphrunError("--elr is the rate on the sphere; with --no-sphere give the plain learning rate --lr")
+    if lr is None:
+        raise SphrunError("--no-sphere needs --lr, the plain SGD learning rate")
+    return lr
+
+
+SPHERE_HELP = ("On the sphere (the default): the model's fully scale-invariant form (BatchNorm affine=False, the "
+               "last layer frozen at --init-scale), every step rescaled to rho0, the rate given by --elr. "
+               "--no-sphere: conventional training (PAPER.md appendix 4) of every parameter of the usual "
+               "model, BatchNorm affine and last layer included, with torch's SGD and no projection; the "
+               "rate is --lr, and the elr column of metrics.csv and GM are then the plain learning rate and "
+               "the mean gradient norm over all trainable parameters (si_norm stays that of the "
+               "scale-invariant tensors).")
+
+
 @app.command()
 def train(
-    elr: str = typer.Option(..., help="Effective learning rate on the unit sphere: lr = elr * rho0^2 "
-                                       "(dimensionless). The paper's phase 1/2 border for ce is near 7e-4."),
+    elr: Optional[str] = typer.Option(None, help="Effective learning rate on the unit sphere: lr = elr * rho0^2 "
+                                                 "(dimensionless). The paper's phase 1/2 border for ce is near "
+                                                 "7e-4."),
+    model: str = typer.Option("convnet", help="convnet (the paper's table 1), vgg16bn (CIFAR VGG-16 with "
+                                              "BatchNorm) or resnet18 (pre-activation CIFAR ResNet-18; on the "
+                                              "sphere with a BatchNorm closing each branch and projection, so "
+                                              "every conv is scale-invariant)."),
+    sphere: bool = typer.Option(True, help=SPHERE_HELP),
+    lr: Optional[float] = typer.Option(None, help="With --no-sphere: the plain SGD learning rate."),
+    wd: Optional[float] = typer.Option(None, help="With --no-sphere: weight decay (L2 coefficient added to "
+                                                  "the gradient, torch's SGD). (default: 0)"),
+    momentum: Optional[float] = typer.Option(None, help="With --no-sphere: SGD momentum in [0, 1). "
+                                                        "(default: 0)"),
     loss: str = typer.Option("ce", help="Loss: ce (cross-entropy) or mse (squared error to the one-hot "
                                         "target, mean over classes)."),
     dataset: str = typer.Option("cifar10", help="cifar10, cifar100 or synthetic (built-in, offline)."),
@@ -47,9 +84,12 @@ def train(
                                                       "when absent]"),
     subset: Optional[str] = typer.Option(None, help="Train on a class-stratified subset: a fraction (0.1) or "
                                                     "a count of images (5000); the test set stays whole."),
-    width: int = typer.Option(32, help="ConvNet width c (channels of the first conv; 387,936 weights at 32)."),
+    width: Optional[int] = typer.Option(None, help="Channels of the first conv; the others scale with it. "
+                                                   "(default: 32 for convnet, 387,936 conv weights; 64 for "
+                                                   "vgg16bn and resnet18, their usual sizes)"),
     init_scale: Optional[float] = typer.Option(None, help="Frobenius norm of the frozen last layer. "
-                                                          "(default: 10 for ce, 1.5 for mse)"),
+                                                          "(default: 10 for ce, 1.5 for mse; with --no-sphere "
+                                                          "the last layer trains and keeps torch's init)"),
     seed: int = typer.Option(0, help="Seed of the trainable (conv) weights' init."),
     head_seed: int = typer.Option(0, help="Seed of the frozen last layer; keep it shared so runs "
                                           "live in one function space."),
@@ -68,7 +108,8 @@ def train(
     out: Optional[str] = typer.Option(None, help="Run directory. (default: runs/<name from the settings>); "
                                                  "an existing one is resumed or extended."),
 ):
-    """Train the paper's fully scale-invariant ConvNet on the sphere at a fixed effective learning rate.
+    """Train a fully scale-invariant network on the sphere at a fixed effective learning rate, or
+    conventionally off it (--no-sphere --lr).
 
     Writes a run directory (config.json, metrics.csv, checkpoints/). Running the same command again
     resumes it; a larger --epochs/--iters extends it. Ctrl-C saves and stops.
@@ -79,8 +120,9 @@ def train(
 
     if epochs is not None and iters is not None:
         raise SphrunError("give --epochs or --iters, not both")
+    rate = training_rate(sphere, elr, lr, wd, momentum)
     config = TrainConfig(
-        elr=parse_elr(elr), loss=loss, dataset=dataset,
+        elr=rate, model=model, sphere=sphere, wd=wd or 0.0, momentum=momentum or 0.0, loss=loss, dataset=dataset,
         data_dir=data_dir or os.environ.get("SPHRUN_DATA") or "./data", subset=parse_subset(subset),
         width=width, init_scale=init_scale, seed=seed, head_seed=head_seed, data_seed=data_seed,
         batch_size=batch_size, epochs=None if iters is not None else (epochs or 1000), iters=iters,
@@ -92,8 +134,12 @@ def train(
 @app.command()
 def finetune(
     run: str = typer.Argument(..., help="The parent run directory (made by sphrun train or finetune)."),
-    elr: str = typer.Option(..., help="The new effective learning rate on the unit sphere (dimensionless), "
-                                       "on the parent's sphere of radius rho0: lr = elr * rho0^2."),
+    elr: Optional[str] = typer.Option(None, help="The new effective learning rate on the unit sphere "
+                                                 "(dimensionless), on the parent's sphere of radius rho0: "
+                                                 "lr = elr * rho0^2."),
+    lr: Optional[float] = typer.Option(None, help="Instead of --elr, for a parent trained off the sphere "
+                                                  "(--no-sphere): the new plain SGD learning rate; its momentum "
+                                                  "buffers and weight decay carry on."),
     start: str = typer.Option("last", "--from", help="The parent's checkpoint to start from: last, or the "
                                                       "step of one (SGD steps since the lineage began)."),
     iters: Optional[int] = typer.Option(None, help="Length of the fine-tune in SGD steps."),
@@ -110,7 +156,8 @@ def finetune(
                                                       "parent's --data-dir)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Optional[str] = typer.Option(None, help="Run directory of the fine-tune. (default: beside the "
-                                                 "parent, RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo]); an "
+                                                 "parent, RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo], "
+                                                 "ft-lr<X> off the sphere); an "
                                                  "existing one is resumed or extended."),
 ):
     """Fine-tune a run from one of its checkpoints with a new ELR (PAPER.md §4, experiments 3-5).
@@ -121,9 +168,12 @@ def finetune(
     """
     from sphrun.finetune import finetune as fine_tune
 
-    child, status = fine_tune(run, parse_elr(elr), start, iters=iters, epochs=epochs, transition=transition,
+    if (elr is None) == (lr is None):
+        raise SphrunError("give the new rate: --elr for a run on the sphere, or --lr for one trained off it")
+    rate = parse_elr(elr) if lr is None else lr
+    child, status = fine_tune(run, rate, start, iters=iters, epochs=epochs, transition=transition,
                               step=step, geodesic=geodesic, eval_every=eval_every, out=out, device=device,
-                              data_dir=data_dir, argv=sys.argv)
+                              data_dir=data_dir, argv=sys.argv, plain_lr=lr is not None)
     message(f"{child}: {status}")
 
 
@@ -176,8 +226,11 @@ def connect(
     bn_batches: Optional[int] = typer.Option(None, help="Train batches (of A's batch size) over which each "
                                                         "point's BatchNorm running statistics are recomputed, "
                                                         "as a plain average. (default: all)"),
-    project: bool = typer.Option(True, help="Rescale each point to the sphere, radius (1 - alpha) rho_A + "
-                                            "alpha rho_B (the runs' radius). Only GM depends on it."),
+    project: Optional[bool] = typer.Option(None, "--project/--no-project",
+                                           help="Rescale each point to the sphere, radius (1 - alpha) rho_A + "
+                                                "alpha rho_B (the runs' radius). Only GM depends on it. "
+                                                "(default: on for runs on the sphere; runs trained off it "
+                                                "(--no-sphere) are never rescaled)"),
     data_dir: Optional[str] = typer.Option(None, help="Where A's data set is. (default: A's --data-dir)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Optional[str] = typer.Option(None, help="Output folder. (default: connect/<A>@<step>--<B>@<step>"
@@ -250,4 +303,7 @@ def main():
         sys.exit(2)
     except Interrupted as e:
         message(str(e))
+        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading data, measuring): nothing to save
+        message("interrupted")
         sys.exit(130)

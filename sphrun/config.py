@@ -10,7 +10,8 @@ from sphrun import SphrunError
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
 LOSSES = ("ce", "mse")
-MODELS = ("convnet",)
+MODELS = ("convnet", "vgg16bn", "resnet18")  # sphrun.models.ARCHITECTURES
+DEFAULT_WIDTH = {"convnet": 32, "vgg16bn": 64, "resnet18": 64}  # channels of the first convolution
 STEPS = ("sgd", "random", "ascent")  # the step direction: -grad, a random tangent one, +grad
 DEFAULT_INIT_SCALE = {"ce": 10.0, "mse": 1.5}  # Frobenius norm of the frozen last layer (PAPER.md §1)
 
@@ -21,14 +22,14 @@ NON_IDENTITY_FIELDS = ("epochs", "iters", "device", "keep", "data_dir")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    elr: float
+    elr: float  # on the sphere the ELR; off it (sphere=False) the plain SGD learning rate, in the same field
     loss: str = "ce"
     dataset: str = "cifar10"
     data_dir: str = "./data"
     subset: float | None = None  # a fraction in (0, 1] or a count of train images (> 1)
     model: str = "convnet"
-    width: int = 32
-    init_scale: float | None = None  # None: the paper's default for the loss
+    width: int | None = None  # None: the model's usual width
+    init_scale: float | None = None  # None: the paper's default for the loss; off the sphere, torch's init
     seed: int = 0  # init of the scale-invariant (trainable) weights
     head_seed: int = 0  # init of the frozen last layer, shared by all runs so they live in one function space
     data_seed: int = 0  # batch order, shared by all runs of a sweep
@@ -39,6 +40,10 @@ class TrainConfig:
     keep: int | None = None  # keep every keep-th evaluation checkpoint (the first and last always)
     step: str = "sgd"
     geodesic: bool = False  # move along the great circle (exponential map) instead of step-then-rescale
+    # Off the sphere (appendix 4): torch's SGD over every parameter of the conventional model, no projection
+    sphere: bool = True
+    wd: float = 0.0  # weight decay, off the sphere only
+    momentum: float = 0.0  # off the sphere only
     # A fine-tune (`sphrun finetune`) begins at step `origin` of its lineage, from its parent's checkpoint
     # there; its ELR moves linearly from `elr_from` (the parent's) to `elr` over `transition` steps.
     origin: int = 0
@@ -47,7 +52,9 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.init_scale is None and self.loss in DEFAULT_INIT_SCALE:
+        if self.width is None and self.model in DEFAULT_WIDTH:
+            object.__setattr__(self, "width", DEFAULT_WIDTH[self.model])
+        if self.init_scale is None and self.loss in DEFAULT_INIT_SCALE and self.sphere is True:
             object.__setattr__(self, "init_scale", DEFAULT_INIT_SCALE[self.loss])
         validate(self)
 
@@ -84,15 +91,18 @@ class TrainConfig:
         parts = [self.dataset]
         if self.subset is not None:
             parts.append(f"sub{self.subset:g}")
-        parts += [f"{self.model}{self.width}", self.loss, f"elr{self.elr:.3g}", f"s{self.seed}"]
+        rate = f"elr{self.elr:.3g}" if self.sphere else f"lr{self.elr:.3g}"
+        parts += [f"{self.model}{self.width}", self.loss, rate, f"s{self.seed}"]
         if self.step != "sgd":
             parts.append(self.step)
         if self.geodesic:
             parts.append("geo")
-        defaults = TrainConfig(elr=self.elr, loss=self.loss)
-        rest = {k: v for k, v in self.identity().items()
-                if k not in ("dataset", "subset", "model", "width", "loss", "elr", "seed", "step", "geodesic")
-                and v != getattr(defaults, k)}
+        if not self.sphere:
+            parts += [f"wd{self.wd:g}"] * (self.wd > 0) + [f"mom{self.momentum:g}"] * (self.momentum > 0)
+        defaults = TrainConfig(elr=self.elr, loss=self.loss, model=self.model, sphere=self.sphere)
+        named = ("dataset", "subset", "model", "width", "loss", "elr", "seed", "step", "geodesic", "sphere",
+                 "wd", "momentum")
+        rest = {k: v for k, v in self.identity().items() if k not in named and v != getattr(defaults, k)}
         if rest:  # other non-default settings: a short digest keeps names unique and readable
             parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
         return "-".join(parts)
@@ -103,8 +113,10 @@ def validate(c):
         if not ok:
             raise SphrunError(message)
 
+    need(isinstance(c.sphere, bool), f"sphere must be true or false, got {c.sphere!r}")
+    rate = "--elr" if c.sphere else "--lr"
     need(isinstance(c.elr, (int, float)) and math.isfinite(c.elr) and c.elr > 0,
-         f"--elr must be a positive finite number, got {c.elr}")
+         f"{rate} must be a positive finite number, got {c.elr}")
     need(c.loss in LOSSES, f"unknown loss {c.loss!r}: choose one of {', '.join(LOSSES)}")
     need(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
     need(c.model in MODELS, f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
@@ -114,9 +126,18 @@ def validate(c):
     need(c.elr_from is None or (isinstance(c.elr_from, (int, float)) and math.isfinite(c.elr_from)
                                 and c.elr_from > 0), f"the starting ELR must be positive, got {c.elr_from}")
     need(c.transition >= 0, f"--transition must be at least 0 steps, got {c.transition}")
+    need(math.isfinite(c.wd) and c.wd >= 0, f"--wd must be a weight decay of 0 or more, got {c.wd}")
+    need(math.isfinite(c.momentum) and 0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
+    if c.sphere:
+        need(c.wd == 0 and c.momentum == 0, "--wd and --momentum apply to conventional training: add --no-sphere "
+                                            "(on the sphere steps are plain SGD, rescaled to rho0)")
+    else:
+        need(c.step == "sgd" and not c.geodesic, "--step random/ascent and --geodesic are steps on the sphere; "
+                                                 "off the sphere (--no-sphere) torch's SGD takes -gradient steps")
     need(c.width >= 1, f"--width must be at least 1, got {c.width}")
     need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
-    need(math.isfinite(c.init_scale) and c.init_scale > 0, f"--init-scale must be positive, got {c.init_scale}")
+    need(c.init_scale is None or (math.isfinite(c.init_scale) and c.init_scale > 0),
+         f"--init-scale must be positive, got {c.init_scale}")
     if c.subset is not None:
         need(0 < c.subset <= 1 or (c.subset > 1 and float(c.subset).is_integer()),
              f"--subset must be a fraction in (0, 1] or a whole count of images, got {c.subset:g}")

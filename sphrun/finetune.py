@@ -30,7 +30,8 @@ def parse_start(text):
 
 def child_path(parent_path, config):
     """The default run directory of a fine-tune: beside its parent, named by what differs from it."""
-    parts = [f"ft-elr{config.elr:.3g}", f"from{config.origin}"]
+    rate = "elr" if config.sphere else "lr"
+    parts = [f"ft-{rate}{config.elr:.3g}", f"from{config.origin}"]
     if config.transition:
         parts.append(f"D{config.transition}")
     if config.step != "sgd":
@@ -43,9 +44,12 @@ def child_path(parent_path, config):
 
 
 def finetune(parent_path, elr, start="last", iters=None, epochs=None, transition=0, step="sgd",
-             geodesic=False, eval_every=None, out=None, device="auto", data_dir=None, argv=()):
+             geodesic=False, eval_every=None, out=None, device="auto", data_dir=None, argv=(), plain_lr=None):
     """Start, resume or extend the fine-tune of `parent_path` from checkpoint `start` ('last' or a step)
-    at ELR `elr`; returns the child's run directory and its status."""
+    at ELR `elr`; returns the child's run directory and its status.
+
+    Off the sphere `elr` is the plain learning rate; `plain_lr` says which the caller meant (checked
+    against the parent when not None)."""
     if iters is not None and epochs is not None:
         raise SphrunError("give --iters or --epochs, not both")
     if iters is None and epochs is None:
@@ -53,6 +57,9 @@ def finetune(parent_path, elr, start="last", iters=None, epochs=None, transition
     which = parse_start(start)
     parent = RunDir(parent_path)
     _, parent_config = read_settings(parent)
+    if plain_lr is not None and plain_lr == parent_config.sphere:
+        form, option = ("on", "--elr") if parent_config.sphere else ("off", "--lr")
+        raise SphrunError(f"{parent_path} was trained {form} the sphere: give its new rate as {option}")
     # the new settings are checked here, before any checkpoint is read or directory made
     config = dataclasses.replace(
         parent_config, elr=elr, transition=transition, step=step, geodesic=geodesic, iters=iters,

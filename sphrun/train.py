@@ -4,6 +4,10 @@ A run's state at a step is everything its future depends on: the weights and Bat
 step count, rho0, and what the next metrics row needs (the weights at init and at the previous
 evaluation point, the projection error accumulated since then). The batch order is a pure function of
 (data seed, step), so no random state has to be saved, and evaluation never touches this state.
+
+Off the sphere (config.sphere False, PAPER.md §4.9) the same loop trains every parameter of the
+conventional model with torch's SGD, no projection; the rate in `elr` is then the plain learning rate,
+and the state also holds the optimizer's (momentum buffers), so a resume stays exact.
 """
 
 import dataclasses
@@ -19,7 +23,7 @@ from sphrun import SphrunError, __version__
 from sphrun.config import TrainConfig
 from sphrun.data import BatchOrder, load_data
 from sphrun.metrics import batch_loss, cosine, eval_metrics, train_metrics
-from sphrun.models import build_model, trainable_scale_invariant
+from sphrun.models import build_model, scale_invariant_parameters, trainable_scale_invariant
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir
 from sphrun.sphere import global_norm, learning_rate, step_direction, step_on_sphere
@@ -69,12 +73,18 @@ class RunState:
     proj_err_sum: torch.Tensor  # sum of 1 - r over the steps since the previous evaluation point
     proj_err_steps: int
     wall_s: float
+    optimizer: dict | None = None  # off the sphere: the SGD state_dict (momentum buffers), None before a step
 
-    def checkpoint(self, model, elr):
-        return {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model.state_dict(),
+    def checkpoint(self, model, elr, optimizer=None):
+        if optimizer is not None:
+            self.optimizer = optimizer.state_dict()
+        ckpt = {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model.state_dict(),
                 "theta_init": self.theta_init, "theta_prev": self.theta_prev,
                 "proj_err_sum": self.proj_err_sum, "proj_err_steps": self.proj_err_steps,
                 "wall_s": self.wall_s}
+        if self.optimizer is not None:
+            ckpt["optimizer"] = self.optimizer
+        return ckpt
 
     @classmethod
     def from_checkpoint(cls, ckpt, model, params, path):
@@ -84,7 +94,7 @@ class RunState:
             to_device = lambda ts: [t.to(device) for t in ts]
             return cls(int(ckpt["iter"]), float(ckpt["rho0"]), to_device(ckpt["theta_init"]),
                        to_device(ckpt["theta_prev"]), ckpt["proj_err_sum"].to(device),
-                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]))
+                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]), ckpt.get("optimizer"))
         except (KeyError, RuntimeError, AttributeError, TypeError) as e:
             raise SphrunError(f"{path} does not fit this model ({type(e).__name__})")
 
@@ -106,25 +116,33 @@ def fresh_state(params):
 
 
 def prepare(config, device):
-    """Data, model and batch order of a configuration, the model's trainable weights checked SI."""
+    """Data, model, its trainable parameters and batch order of a configuration; on the sphere the
+    trainable parameters are checked scale-invariant."""
     data = load_data(config.dataset, config.data_dir, config.subset, device)
     model = build_model(config.model, config.width, data.num_classes, config.init_scale,
-                        config.seed, config.head_seed).to(device)
-    params = trainable_scale_invariant(model)
+                        config.seed, config.head_seed, sphere=config.sphere).to(device)
+    if config.sphere:
+        params = trainable_scale_invariant(model)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     order = BatchOrder(len(data.train_y), config.batch_size, config.data_seed, device)
     return data, model, params, order
 
 
 def evaluate(model, params, data, config, order, state, elr):
-    """The metrics.csv row of the current state; resets the projection-error accumulator."""
+    """The metrics.csv row of the current state; resets the projection-error accumulator.
+
+    GM and the cosines are over the trainable parameters; si_norm over the scale-invariant ones, which
+    off the sphere are some of the trainable ones, found from the structure."""
     start = time.perf_counter()
     train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, config.loss,
                                               config.batch_size, order.permutation(0))
     test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, config.loss)
     steps = max(state.proj_err_steps, 1)
+    si = params if config.sphere else scale_invariant_parameters(model)
     row = {"iter": state.iter, "epoch": state.iter / order.steps_per_epoch, "elr": elr,
            "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
-           "gm": gm, "si_norm": global_norm(params).item(), "cos_prev": cosine(params, state.theta_prev),
+           "gm": gm, "si_norm": global_norm(si).item(), "cos_prev": cosine(params, state.theta_prev),
            "cos_init": cosine(params, state.theta_init), "proj_err": state.proj_err_sum.item() / steps}
     state.theta_prev = [p.detach().clone() for p in params]
     state.proj_err_sum = torch.zeros_like(state.proj_err_sum)
@@ -157,11 +175,31 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def conventional_optimizer(params, config, saved=None):
+    """torch's SGD over `params` with the run's momentum and weight decay, its momentum buffers taken
+    from `saved` (a state_dict) when given; the learning rate is set at each step."""
+    optimizer = torch.optim.SGD(params, lr=config.elr, momentum=config.momentum, weight_decay=config.wd)
+    if saved is not None:  # the buffers only: the settings come from the configuration
+        optimizer.load_state_dict({"state": saved["state"],
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+    return optimizer
+
+
+def conventional_step(optimizer, params, grads, lr):
+    """One step of torch's SGD at learning rate lr, in the whole parameter space."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer.param_groups[0]["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run_steps(run, config, model, params, data, order, state, total, eval_steps, elr_at):
     """Train from state.iter to `total`, evaluating and checkpointing at `eval_steps`.
 
-    Each step moves along config.step's direction (projected, or geodesic with config.geodesic) with
-    the ELR elr_at(step); random directions are seeded by (config.seed, step), never saved.
+    On the sphere each step moves along config.step's direction (projected, or geodesic with
+    config.geodesic) with the ELR elr_at(step); random directions are seeded by (config.seed, step),
+    never saved. Off it each step is torch's SGD with learning rate elr_at(step).
 
     Returns the final status: done or diverged; raises Interrupted after saving on Ctrl-C.
     """
@@ -169,6 +207,7 @@ def run_steps(run, config, model, params, data, order, state, total, eval_steps,
     pending = [s for s in eval_steps if s > state.iter]
     nonfinite = torch.zeros((), dtype=torch.bool, device=params[0].device)
     rho = state.rho0
+    optimizer = None if config.sphere else conventional_optimizer(params, config, state.optimizer)
     with StopRequest() as stop, StepProgress(total, start=state.iter) as bar:
         tick = time.perf_counter()
         while state.iter < total:
@@ -176,12 +215,16 @@ def run_steps(run, config, model, params, data, order, state, total, eval_steps,
             idx = order.indices(state.iter)
             loss = batch_loss(model(data.train_x[idx]), data.train_y[idx], config.loss)
             grads = torch.autograd.grad(loss, params)
-            direction = step_direction(config.step, grads, params, config.seed, state.iter)
-            proj_err = step_on_sphere(params, direction, learning_rate(elr, rho), rho, config.geodesic)
-            state.proj_err_sum += proj_err
+            nonfinite |= ~torch.isfinite(loss)
+            if optimizer is None:
+                direction = step_direction(config.step, grads, params, config.seed, state.iter)
+                proj_err = step_on_sphere(params, direction, learning_rate(elr, rho), rho, config.geodesic)
+                state.proj_err_sum += proj_err
+                nonfinite |= ~torch.isfinite(proj_err)
+            else:  # no projection: proj_err stays 0
+                conventional_step(optimizer, params, grads, elr)
             state.proj_err_steps += 1
             state.iter += 1
-            nonfinite |= ~torch.isfinite(loss) | ~torch.isfinite(proj_err)
             at_eval = pending and state.iter == pending[0]
             if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
                 if nonfinite.item():
@@ -195,12 +238,13 @@ def run_steps(run, config, model, params, data, order, state, total, eval_steps,
                 if not is_finite_row(row):
                     return diverged(run, state)
                 run.append_metrics(row)
-                run.save_checkpoint(state.checkpoint(model, elr), at_eval_point=keep_iter_file[state.iter])
+                run.save_checkpoint(state.checkpoint(model, elr, optimizer),
+                                    at_eval_point=keep_iter_file[state.iter])
                 bar.log(format_row(row))
                 tick = time.perf_counter()
             if stop.requested:
                 state.wall_s += time.perf_counter() - tick
-                run.save_checkpoint(state.checkpoint(model, elr), at_eval_point=False)
+                run.save_checkpoint(state.checkpoint(model, elr, optimizer), at_eval_point=False)
                 run.set_status("interrupted")
                 raise Interrupted(f"interrupted at step {state.iter}: checkpoint saved in {run}; "
                                   f"run the same command to resume")
@@ -232,6 +276,9 @@ def run_record(config, data, order, rho0, argv, parent=None):
             "data_source": data.source, "num_classes": data.num_classes, "train_size": len(data.train_y),
             "test_size": len(data.test_y),
             "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
+            "elr_meaning": ("effective learning rate on the unit sphere: lr = elr * rho0^2" if config.sphere else
+                            "plain SGD learning rate (trained off the sphere): settings.elr and the elr "
+                            "column hold lr"),
             "versions": {"sphrun": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             "argv": list(argv)}
 

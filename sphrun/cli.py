@@ -34,8 +34,9 @@ def parse_elr(text):
         raise SphrunError(f"--elr must be a number like 7e-4, got {text!r}")
 
 
-def training_rate(sphere, elr, lr, wd, momentum):
-    """The rate of the steps: --elr on the sphere, --lr off it, each refused in the other's place."""
+def training_rates(sphere, elr, lr, wd, momentum):
+    """The rates of the steps: --elr on the sphere (one, a list or a grid: sphrun.packed.parse_elrs),
+    --lr off it, each refused in the other's place."""
     if sphere:
         given = [name for name, value in (("--lr", lr), ("--wd", wd), ("--momentum", momentum)) if value is not None]
         if given:
@@ -43,12 +44,14 @@ def training_rate(sphere, elr, lr, wd, momentum):
                               f"the rate is --elr, with no weight decay or momentum)")
         if elr is None:
             raise SphrunError("give --elr, the effective learning rate on the sphere (or --no-sphere --lr X)")
-        return parse_elr(elr)
+        from sphrun.packed import parse_elrs
+
+        return parse_elrs(elr)
     if elr is not None:
         raise SphrunError("--elr is the rate on the sphere; with --no-sphere give the plain learning rate --lr")
     if lr is None:
         raise SphrunError("--no-sphere needs --lr, the plain SGD learning rate")
-    return lr
+    return [lr]
 
 
 SPHERE_HELP = ("On the sphere (the default): the model's fully scale-invariant form (BatchNorm affine=False, the "
@@ -64,7 +67,10 @@ SPHERE_HELP = ("On the sphere (the default): the model's fully scale-invariant f
 def train(
     elr: Optional[str] = typer.Option(None, help="Effective learning rate on the unit sphere: lr = elr * rho0^2 "
                                                  "(dimensionless). The paper's phase 1/2 border for ce is near "
-                                                 "7e-4."),
+                                                 "7e-4. Several ELRs, a list (1e-4,5e-4,1e-3) or a log grid "
+                                                 "start:stop:count (1e-5:1:16: 16 values, ends included, "
+                                                 "rounded to 3 digits), train together from one init as one "
+                                                 "packed ConvNet, each into its own run directory."),
     model: str = typer.Option("convnet", help="convnet (the paper's table 1), vgg16bn (CIFAR VGG-16 with "
                                               "BatchNorm) or resnet18 (pre-activation CIFAR ResNet-18; on the "
                                               "sphere with a BatchNorm closing each branch and projection, so "
@@ -105,14 +111,31 @@ def train(
     step: str = typer.Option("sgd", help=STEP_HELP),
     geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32 (TF32 convolutions allowed on CUDA), or bf16: "
+                                               "convolutions and matrix products in bfloat16, weights, norms, "
+                                               "the projection and BatchNorm statistics in float32. Part of "
+                                               "the run's settings."),
+    pack: Optional[int] = typer.Option(None, help="With several ELRs: at most this many models per pass "
+                                                  "(bounds the memory); the rest train in later passes. "
+                                                  "(default: all in one pass)"),
+    shard: Optional[str] = typer.Option(None, help="I/N: train every N-th ELR of the list or grid, starting "
+                                                   "at the I-th (from 0), so N processes (a SLURM array, GNU "
+                                                   "parallel) share one sweep on a shared file system."),
     out: Optional[str] = typer.Option(None, help="Run directory. (default: runs/<name from the settings>); "
-                                                 "an existing one is resumed or extended."),
+                                                 "an existing one is resumed or extended. With several ELRs: "
+                                                 "the folder that holds their run directories, named as by "
+                                                 "default. (default: runs)"),
 ):
     """Train a fully scale-invariant network on the sphere at a fixed effective learning rate, or
     conventionally off it (--no-sphere --lr).
 
     Writes a run directory (config.json, metrics.csv, checkpoints/). Running the same command again
     resumes it; a larger --epochs/--iters extends it. Ctrl-C saves and stops.
+
+    Several ELRs (--elr 1e-5:1:16 or 1e-4,1e-3) train as one packed network, the ConvNet on the sphere
+    only: the same init and batches, one learning rate and one norm per model, each model writing the
+    run directory its single run would (same files and settings). A diverging model is marked diverged
+    and frozen; the others go on.
     """
     import os
 
@@ -120,13 +143,29 @@ def train(
 
     if epochs is not None and iters is not None:
         raise SphrunError("give --epochs or --iters, not both")
-    rate = training_rate(sphere, elr, lr, wd, momentum)
+    rates = training_rates(sphere, elr, lr, wd, momentum)
+    several = len(rates) > 1
+    if shard is not None:
+        from sphrun.packed import parse_shard, shard as sharded
+
+        rates = sharded(rates, *parse_shard(shard))
+    if pack is not None and pack < 1:
+        raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
     config = TrainConfig(
-        elr=rate, model=model, sphere=sphere, wd=wd or 0.0, momentum=momentum or 0.0, loss=loss, dataset=dataset,
+        elr=rates[0], model=model, sphere=sphere, wd=wd or 0.0, momentum=momentum or 0.0, loss=loss, dataset=dataset,
         data_dir=data_dir or os.environ.get("SPHRUN_DATA") or "./data", subset=parse_subset(subset),
         width=width, init_scale=init_scale, seed=seed, head_seed=head_seed, data_seed=data_seed,
         batch_size=batch_size, epochs=None if iters is not None else (epochs or 1000), iters=iters,
-        eval_every=eval_every, keep=keep, step=step, geodesic=geodesic, device=device)
+        eval_every=eval_every, keep=keep, step=step, geodesic=geodesic, precision=precision, device=device)
+    if several:
+        import dataclasses
+
+        from sphrun.packed import train_sweep
+
+        configs = [dataclasses.replace(config, elr=rate) for rate in rates]
+        for run, status in train_sweep(configs, out, pack, argv=sys.argv):
+            message(f"{run}: {status}")
+        return
     run, status = training.train(config, out, argv=sys.argv)
     message(f"{run}: {status}")
 
@@ -203,13 +242,17 @@ def plot(
     3 (divergence): the train error stays at chance, at least 90 % of 1 - 1/C at every point, and
     neighbouring checkpoints are uncorrelated, median |cos_prev| under 0.2.
 
-    1 (convergence): the train error reached 0, or the train loss is still falling: down by more than
-    10 % over the later half, or down at 80 % of its evaluation points or more.
+    1 (convergence): the train error reached 0, or the train loss is still falling: a clear downward
+    trend, or down at 80 % of its evaluation points or more.
 
-    2 (chaotic equilibrium): train loss and GM stationary, each within 10 % over the later half, while
-    the train error is clearly below chance (under 90 % of 1 - 1/C).
+    2 (chaotic equilibrium): neither the train loss nor GM has a clear trend, while the train error is
+    clearly below chance (its median under 90 % of 1 - 1/C).
 
     undecided: fewer than 4 evaluation points in the later half, or no rule fits.
+
+    A trend is the least-squares line of log(value) against the step over the later half; it is clear
+    when it changes the value by more than about 10 % and its t statistic (slope over standard error)
+    is at least 3 in size, so the fluctuations of an equilibrium are no trend.
     """
     from sphrun.plot import plot as draw
 

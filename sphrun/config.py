@@ -13,6 +13,7 @@ LOSSES = ("ce", "mse")
 MODELS = ("convnet", "vgg16bn", "resnet18")  # sphrun.models.ARCHITECTURES
 DEFAULT_WIDTH = {"convnet": 32, "vgg16bn": 64, "resnet18": 64}  # channels of the first convolution
 STEPS = ("sgd", "random", "ascent")  # the step direction: -grad, a random tangent one, +grad
+PRECISIONS = ("fp32", "bf16")  # bf16: convolutions and matrix products in bfloat16, the rest float32
 DEFAULT_INIT_SCALE = {"ce": 10.0, "mse": 1.5}  # Frobenius norm of the frozen last layer (PAPER.md §1)
 
 # Settings that may differ between invocations on the same run directory: they change how long the
@@ -44,6 +45,7 @@ class TrainConfig:
     sphere: bool = True
     wd: float = 0.0  # weight decay, off the sphere only
     momentum: float = 0.0  # off the sphere only
+    precision: str = "fp32"  # part of the run's identity: bf16 follows another trajectory
     # A fine-tune (`sphrun finetune`) begins at step `origin` of its lineage, from its parent's checkpoint
     # there; its ELR moves linearly from `elr_from` (the parent's) to `elr` over `transition` steps.
     origin: int = 0
@@ -97,11 +99,13 @@ class TrainConfig:
             parts.append(self.step)
         if self.geodesic:
             parts.append("geo")
+        if self.precision != "fp32":
+            parts.append(self.precision)
         if not self.sphere:
             parts += [f"wd{self.wd:g}"] * (self.wd > 0) + [f"mom{self.momentum:g}"] * (self.momentum > 0)
         defaults = TrainConfig(elr=self.elr, loss=self.loss, model=self.model, sphere=self.sphere)
         named = ("dataset", "subset", "model", "width", "loss", "elr", "seed", "step", "geodesic", "sphere",
-                 "wd", "momentum")
+                 "wd", "momentum", "precision")
         rest = {k: v for k, v in self.identity().items() if k not in named and v != getattr(defaults, k)}
         if rest:  # other non-default settings: a short digest keeps names unique and readable
             parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
@@ -121,6 +125,7 @@ def validate(c):
     need(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
     need(c.model in MODELS, f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
     need(c.step in STEPS, f"unknown step {c.step!r}: choose one of {', '.join(STEPS)}")
+    need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}: choose one of {', '.join(PRECISIONS)}")
     need(isinstance(c.geodesic, bool), f"geodesic must be true or false, got {c.geodesic!r}")
     need(c.origin >= 0, f"the start step must be at least 0, got {c.origin}")
     need(c.elr_from is None or (isinstance(c.elr_from, (int, float)) and math.isfinite(c.elr_from)

@@ -10,10 +10,16 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from sphrun.sphere import global_norm
+
 
 def batch_loss(logits, targets, loss):
     """Mean loss over the batch. mse is the squared error to the one-hot target, averaged over classes
-    (the authors' code and PAPER.md §1; the summed form at elr x equals this one at elr C*x)."""
+    (the authors' code and PAPER.md §1; the summed form at elr x equals this one at elr C*x).
+
+    Logits (B, K, C) of K packed models (sphrun.packed) give their K losses, each as for one model."""
+    if logits.dim() == 3:
+        return torch.stack([batch_loss(logits[:, k], targets, loss) for k in range(logits.shape[1])])
     if loss == "ce":
         return F.cross_entropy(logits, targets)
     one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
@@ -34,11 +40,17 @@ def preserved_bn_state(model):
         model.train(was_training)
 
 
+def errors(logits, targets):
+    """Misclassified images in the batch: a 0-d count, or K counts for packed logits (B, K, C)."""
+    return (logits.argmax(-1) != targets.view(-1, *[1] * (logits.dim() - 2))).sum(0)
+
+
 def train_metrics(model, params, x, y, loss, batch_size, order):
     """(train loss, train error, GM) over the whole set in BN train mode, one backward per batch.
 
     Batches are consecutive slices of `order` (a fixed permutation, so batches mix classes);
-    GM is the mean over batches of ||grad_params L_b|| (PAPER.md §2).
+    GM is the mean over batches of ||grad_params L_b|| (PAPER.md §2). A packed model of K models (logits
+    (B, K, C), parameters packed along their first dimension) gives three lists of K values.
     """
     total_loss = torch.zeros((), device=x.device)
     wrong = torch.zeros((), device=x.device)
@@ -48,17 +60,17 @@ def train_metrics(model, params, x, y, loss, batch_size, order):
         for idx in order.split(batch_size):
             logits = model(x[idx])
             value = batch_loss(logits, y[idx], loss)
-            grads = torch.autograd.grad(value, params)
-            grad_norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-            total_loss += value.detach() * len(idx)
-            wrong += (logits.argmax(1) != y[idx]).sum()
+            grads = torch.autograd.grad(value.sum(), params)  # packed models are independent: the sum separates
+            grad_norms.append(global_norm(grads, members=logits.dim() == 3))
+            total_loss = total_loss + value.detach() * len(idx)
+            wrong = wrong + errors(logits, y[idx])
     n = len(order)
-    return (total_loss / n).item(), (wrong / n).item(), torch.stack(grad_norms).mean().item()
+    return (total_loss / n).tolist(), (wrong / n).tolist(), torch.stack(grad_norms, dim=-1).mean(-1).tolist()
 
 
 @torch.no_grad()
 def eval_metrics(model, x, y, loss, batch_size=1000):
-    """(loss, error) in BN eval mode, i.e. with the running statistics."""
+    """(loss, error) in BN eval mode, i.e. with the running statistics; lists of K for a packed model."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=x.device)
@@ -66,10 +78,10 @@ def eval_metrics(model, x, y, loss, batch_size=1000):
     for start in range(0, len(x), batch_size):
         logits = model(x[start:start + batch_size])
         targets = y[start:start + batch_size]
-        total_loss += batch_loss(logits, targets, loss) * len(targets)
-        wrong += (logits.argmax(1) != targets).sum()
+        total_loss = total_loss + batch_loss(logits, targets, loss) * len(targets)
+        wrong = wrong + errors(logits, targets)
     model.train(was_training)
-    return (total_loss / len(x)).item(), (wrong / len(x)).item()
+    return (total_loss / len(x)).tolist(), (wrong / len(x)).tolist()
 
 
 def flat(tensors):

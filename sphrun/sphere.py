@@ -15,14 +15,33 @@ import torch
 RANDOM_STREAM = 0x72616E64  # keeps the random-walk stream apart from other streams seeded by (seed, step)
 
 
-def global_norm(tensors):
-    """The L2 norm of all tensors taken together, as a 0-d device tensor (no host sync)."""
+def global_norm(tensors, members=False):
+    """The L2 norm of all tensors taken together, as a 0-d device tensor (no host sync).
+
+    members=True: the tensors are packed (sphrun.packed), the first dimension of each indexing K models,
+    and the result is the K models' norms, shape (K,). Every function below takes the same flag.
+    """
+    if members:  # each model's reductions as its single run does them, so the two agree to the bit
+        k = len(tensors[0])
+        norms = torch._foreach_norm([t[i] for i in range(k) for t in tensors])
+        return torch.linalg.vector_norm(torch.stack(norms).view(k, -1), dim=1)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
-def dot(a, b):
-    """<a, b> with each tensor list taken as one vector, a 0-d device tensor."""
+def dot(a, b, members=False):
+    """<a, b> with each tensor list taken as one vector, a 0-d device tensor (K of them for members)."""
+    if members:
+        k = len(a[0])
+        return torch.stack([torch.sum(x[i] * y[i]) for i in range(k) for x, y in zip(a, b)]).view(k, -1).sum(1)
     return torch.stack([torch.sum(x * y) for x, y in zip(a, b)]).sum()
+
+
+def per_model(value, tensors):
+    """`value` as a factor of each tensor: a number or 0-d tensor as it is; K per-model values (packed
+    tensors) shaped to scale the K slices of each tensor."""
+    if torch.is_tensor(value) and value.dim() == 1:
+        return [value.view(-1, *[1] * (t.dim() - 1)) for t in tensors]
+    return value
 
 
 def learning_rate(elr, rho):
@@ -30,10 +49,10 @@ def learning_rate(elr, rho):
     return elr * rho ** 2
 
 
-def tangent_part(direction, params):
+def tangent_part(direction, params, members=False):
     """`direction` less its component along theta: the part that moves theta along the sphere."""
-    radial = dot(direction, params) / dot(params, params)
-    return torch._foreach_sub(direction, torch._foreach_mul(params, radial))
+    radial = dot(direction, params, members) / dot(params, params, members)
+    return torch._foreach_sub(direction, torch._foreach_mul(params, per_model(radial, params)))
 
 
 def random_seed(seed, step):
@@ -43,36 +62,41 @@ def random_seed(seed, step):
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def random_direction(grads, params, seed, step):
+def random_direction(grads, params, seed, step, members=False):
     """Uniform over the directions tangent to the sphere at theta, with the norm of `grads`, so the step
-    is as long as the SGD step would be. (A Gaussian projected on the tangent space is isotropic there.)"""
+    is as long as the SGD step would be. (A Gaussian projected on the tangent space is isotropic there.)
+    Packed models all draw the noise their single runs would: one model's shapes, shared."""
     device = params[0].device
     generator = torch.Generator(device=device).manual_seed(random_seed(seed, step))
-    noise = [torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype) for p in params]
-    tangent = tangent_part(noise, params)
-    return torch._foreach_mul(tangent, global_norm(grads) / global_norm(tangent))
+    noise = [torch.randn(p.shape[1:] if members else p.shape, generator=generator, device=device,
+                         dtype=p.dtype).expand_as(p) for p in params]
+    tangent = tangent_part(noise, params, members)
+    scale = global_norm(grads, members) / global_norm(tangent, members)
+    return torch._foreach_mul(tangent, per_model(scale, tangent))
 
 
-def step_direction(kind, grads, params, seed=0, step=0):
+def step_direction(kind, grads, params, seed=0, step=0, members=False):
     """The direction a step of `kind` moves theta along; `seed` and `step` seed the random kind."""
     if kind == "sgd":
         return torch._foreach_neg(grads)
     if kind == "ascent":
         return list(grads)
     if kind == "random":
-        return random_direction(grads, params, seed, step)
+        return random_direction(grads, params, seed, step, members)
     raise ValueError(f"unknown step kind {kind!r}")  # config.validate lets only config.STEPS through
 
 
 @torch.no_grad()
-def project_(params, rho):
-    """Rescale all tensors jointly, in place, to the global norm rho."""
-    torch._foreach_mul_(params, rho / global_norm(params))
+def project_(params, rho, members=False):
+    """Rescale all tensors jointly, in place, to the global norm rho (per model for members)."""
+    # reciprocal * rho, which is what rho / norm computes for a number rho: one rounding for both forms
+    torch._foreach_mul_(params, per_model(global_norm(params, members).reciprocal() * rho, params))
 
 
 @torch.no_grad()
-def step_on_sphere(params, direction, lr, rho, geodesic=False):
+def step_on_sphere(params, direction, lr, rho, geodesic=False, members=False):
     """Move theta along `direction` with learning rate lr; returns the projection error 1 - r of this step.
+    For members, lr and rho are (K,) tensors, one value per model, and so is 1 - r.
 
     The nominal step turns theta by x = lr * ||direction|| / rho radians (= elr * ||grad|| on the unit
     sphere). Projected: theta <- proj_rho(theta + lr * direction), which turns it by arctan(x) only, so
@@ -83,18 +107,20 @@ def step_on_sphere(params, direction, lr, rho, geodesic=False):
     """
     tiny = torch.finfo(params[0].dtype).tiny
     # an absurd ELR must end as a non-finite (diverged) run, not as an overflow error of the scalar lr
-    lr = min(lr, torch.finfo(params[0].dtype).max)
+    largest = torch.finfo(params[0].dtype).max
+    lr = lr.clamp(max=largest) if torch.is_tensor(lr) else min(lr, largest)
     if geodesic:
-        tangent = tangent_part(direction, params)  # SI gradients are tangent only up to round-off
-        norm = global_norm(tangent)
+        tangent = tangent_part(direction, params, members)  # SI gradients are tangent only up to round-off
+        norm = global_norm(tangent, members)
         x = lr * norm / rho
-        unit = torch._foreach_div(tangent, norm.clamp_min(tiny))
-        torch._foreach_mul_(params, torch.cos(x))
-        torch._foreach_add_(params, torch._foreach_mul(unit, rho * torch.sin(x)))
-        project_(params, rho)  # the rotation keeps the norm; this only stops round-off from drifting
+        unit = torch._foreach_div(tangent, per_model(norm.clamp_min(tiny), tangent))
+        torch._foreach_mul_(params, per_model(torch.cos(x), params))
+        torch._foreach_add_(params, torch._foreach_mul(unit, per_model(rho * torch.sin(x), unit)))
+        project_(params, rho, members)  # the rotation keeps the norm; this only stops round-off from drifting
         return torch.zeros_like(x)
-    x = lr * global_norm(direction) / rho
-    torch._foreach_add_(params, direction, alpha=lr)
-    project_(params, rho)
+    x = lr * global_norm(direction, members) / rho
+    # (lr * direction) first, not alpha=lr: alpha takes one number, and this rounds as the per-model form
+    torch._foreach_add_(params, torch._foreach_mul(direction, per_model(lr, direction)))
+    project_(params, rho, members)
     r = torch.where(x > 0, torch.atan(x) / x.clamp_min(tiny), torch.ones_like(x))
     return 1 - r

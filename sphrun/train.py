@@ -115,10 +115,11 @@ def fresh_state(params):
                     torch.zeros((), device=params[0].device), 0, 0.0)
 
 
-def prepare(config, device):
+def prepare(config, device, data=None):
     """Data, model, its trainable parameters and batch order of a configuration; on the sphere the
-    trainable parameters are checked scale-invariant."""
-    data = load_data(config.dataset, config.data_dir, config.subset, device)
+    trainable parameters are checked scale-invariant. `data`: the data set, when already loaded."""
+    if data is None:
+        data = load_data(config.dataset, config.data_dir, config.subset, device)
     model = build_model(config.model, config.width, data.num_classes, config.init_scale,
                         config.seed, config.head_seed, sphere=config.sphere).to(device)
     if config.sphere:
@@ -129,21 +130,38 @@ def prepare(config, device):
     return data, model, params, order
 
 
+def mixed_precision(config, device):
+    """--precision bf16: convolutions and matrix products in bfloat16 (autocast); weights, gradients,
+    norms, the projection and BatchNorm statistics stay float32. Off for fp32. (No weight cache, so the
+    context may be captured in a CUDA graph.)"""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16",
+                          cache_enabled=False)
+
+
 def evaluate(model, params, data, config, order, state, elr):
     """The metrics.csv row of the current state; resets the projection-error accumulator.
 
     GM and the cosines are over the trainable parameters; si_norm over the scale-invariant ones, which
     off the sphere are some of the trainable ones, found from the structure."""
     start = time.perf_counter()
-    train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, config.loss,
-                                              config.batch_size, order.permutation(0))
-    test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, config.loss)
-    steps = max(state.proj_err_steps, 1)
+    with mixed_precision(config, data.train_x.device):
+        train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, config.loss,
+                                                  config.batch_size, order.permutation(0))
+        test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, config.loss)
     si = params if config.sphere else scale_invariant_parameters(model)
-    row = {"iter": state.iter, "epoch": state.iter / order.steps_per_epoch, "elr": elr,
-           "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
-           "gm": gm, "si_norm": global_norm(si).item(), "cos_prev": cosine(params, state.theta_prev),
-           "cos_init": cosine(params, state.theta_init), "proj_err": state.proj_err_sum.item() / steps}
+    measured = {"train_loss": train_loss, "train_err": train_err, "test_loss": test_loss,
+                "test_err": test_err, "gm": gm, "si_norm": global_norm(si).item()}
+    return metrics_row(state, params, elr, order.steps_per_epoch, measured, start)
+
+
+def metrics_row(state, params, elr, steps_per_epoch, measured, start):
+    """The metrics.csv row of `state` from its `measured` losses, errors, GM and norm: adds the cosines,
+    the projection error since the previous evaluation point and the wall time (this evaluation began at
+    perf_counter() == start), then makes now the state's previous evaluation point."""
+    steps = max(state.proj_err_steps, 1)
+    row = {"iter": state.iter, "epoch": state.iter / steps_per_epoch, "elr": elr, **measured,
+           "cos_prev": cosine(params, state.theta_prev), "cos_init": cosine(params, state.theta_init),
+           "proj_err": state.proj_err_sum.item() / steps}
     state.theta_prev = [p.detach().clone() for p in params]
     state.proj_err_sum = torch.zeros_like(state.proj_err_sum)
     state.proj_err_steps = 0
@@ -213,7 +231,8 @@ def run_steps(run, config, model, params, data, order, state, total, eval_steps,
         while state.iter < total:
             elr = elr_at(state.iter)
             idx = order.indices(state.iter)
-            loss = batch_loss(model(data.train_x[idx]), data.train_y[idx], config.loss)
+            with mixed_precision(config, data.train_x.device):
+                loss = batch_loss(model(data.train_x[idx]), data.train_y[idx], config.loss)
             grads = torch.autograd.grad(loss, params)
             nonfinite |= ~torch.isfinite(loss)
             if optimizer is None:
@@ -323,16 +342,9 @@ def train(config, out=None, argv=(), start=None):
     total = total_steps(config, order.steps_per_epoch)
     if stored:
         state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path("last"))
-        if stored["status"] == "diverged":
-            message(f"{run} diverged earlier; nothing to do")
-            return run, "diverged"
-        if state.iter > total:
-            raise SphrunError(f"{run} is already at step {state.iter}, past the {total} steps asked; "
-                              f"ask for more steps to extend it")
-        if state.iter == total and stored["status"] == "done":
-            message(f"{run} is complete ({total - config.origin} steps); "
-                    f"ask for more --epochs or --iters to extend it")
-            return run, "done"
+        finished = nothing_left(run, stored, config, state.iter, total)
+        if finished:
+            return run, finished
     elif start:
         state = RunState.from_checkpoint(start.checkpoint, model, params, start.path)
     else:
@@ -353,6 +365,23 @@ def train(config, out=None, argv=(), start=None):
         status = run_steps(run, config, model, params, data, order, state, total, eval_steps,
                            elr_at=config.elr_at)
     return run, status
+
+
+def nothing_left(run, stored, config, at, total):
+    """The status of an existing run (`stored`: its config.json) at step `at` that has nothing left to do
+    on the way to step `total` (done, or diverged), after saying so; None when it has. A run already
+    past `total` is refused."""
+    if stored["status"] == "diverged":
+        message(f"{run} diverged earlier; nothing to do")
+        return "diverged"
+    if at > total:
+        raise SphrunError(f"{run} is already at step {at}, past the {total} steps asked; "
+                          f"ask for more steps to extend it")
+    if at == total and stored["status"] == "done":
+        message(f"{run} is complete ({total - config.origin} steps); "
+                f"ask for more --epochs or --iters to extend it")
+        return "done"
+    return None
 
 
 def begin(run, config, data, model, params, order, state, argv, start):

@@ -87,7 +87,7 @@ def train(
     data_dir: Optional[str] = typer.Option(None, help="Folder with torchvision's CIFAR files or an ImageFolder "
                                                       "tree train/<class>/, test/<class>/. (default: "
                                                       "$SPHRUN_DATA, else ./data; CIFAR is downloaded there "
-                                                      "when absent]"),
+                                                      "when absent)"),
     subset: Optional[str] = typer.Option(None, help="Train on a class-stratified subset: a fraction (0.1) or "
                                                     "a count of images (5000); the test set stays whole."),
     width: Optional[int] = typer.Option(None, help="Channels of the first conv; the others scale with it. "
@@ -105,7 +105,7 @@ def train(
                                                     "(default: 1000, the authors' setting)"),
     iters: Optional[int] = typer.Option(None, help="Length in SGD steps, instead of --epochs."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps. (default: log-spaced: "
-                                                        "every epoch for 10 epochs, then ~10 per decade]"),
+                                                        "every epoch for 10 epochs, then ~10 per decade)"),
     keep: Optional[int] = typer.Option(None, help="Keep the checkpoint of every K-th evaluation point "
                                                   "(first and last always). (default: all)"),
     step: str = typer.Option("sgd", help=STEP_HELP),

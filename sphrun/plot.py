@@ -1,0 +1,790 @@
+"""The paper's figures (PAPER.md §4) drawn from run directories and `sphrun connect` outputs.
+
+Figures are matplotlib Figure objects rendered by the Agg backend (no pyplot, no display), sized for one
+column of a two-column paper (3.4 in wide) and written atomically as .png, .svg or .pdf.
+"""
+
+import csv
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from sphrun import SphrunError
+from sphrun.config import TrainConfig
+from sphrun.phases import UNDECIDED, borders, classify, in_paper_order
+from sphrun.progress import message
+from sphrun.rundir import RunDir, atomic_write, write_text
+
+KINDS = ("phase", "metrics", "cosine", "connect", "curvature", "projection")
+FORMATS = (".png", ".svg", ".pdf")
+COLUMN_WIDTH = 3.4  # inches
+STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.fontsize": 6,
+         "xtick.labelsize": 6, "ytick.labelsize": 6, "lines.linewidth": 1.0, "lines.markersize": 3}
+ELR_COLORS = "viridis"
+PHASE_COLORS = {"1": "#d6ecd2", "2": "#fbe3c0", "3": "#f4cccc"}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic data"}
+LOSS_NAMES = {"ce": "cross-entropy", "mse": "MSE"}
+LOSS_MARKERS = {"ce": "o", "mse": "s"}
+PERCENT_COLUMNS = ("train_err", "test_err", "proj_err")  # fractions in the files, % on the axes
+LABELS = {
+    "train_loss": "train loss $L_T$", "test_loss": "test loss",
+    "train_err": "train error (%)", "test_err": "test error (%)",
+    "gm": "GM (mean mini-batch gradient norm)", "elr": "effective learning rate (ELR)",
+    "iter": "SGD steps", "epoch": "epochs", "si_norm": "norm of the SI weights",
+    "cos_prev": "cosine to the previous checkpoint", "cos_init": "cosine to the initialization",
+    "proj_err": "projection error 1 - r (%)", "wall_s": "wall time (s)",
+    "alpha": r"$\alpha$ (0: first run, 1: second run)",
+    "fisher_trace": "Fisher trace tr F", "hessian_trace": "Hessian trace tr H",
+    "hessian_eig": r"top Hessian eigenvalue $\lambda_{max}$",
+}
+SHORT_LABELS = {"train_loss": "train loss", "test_loss": "test loss", "gm": "GM", "elr": "ELR"}
+CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err")
+# Settings that do not split runs into separate lines against the ELR: the ELR itself, the run's length
+# and where it ran, and the start step and ELR of a fine-tune (its parent already tells those apart).
+NOT_SERIES = ("elr", "epochs", "iters", "eval_every", "keep", "device", "data_dir", "origin", "elr_from")
+PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
+
+
+# --- reading runs ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    path: str
+    config: dict
+    rows: list  # metrics.csv, by step
+
+    @property
+    def settings(self):
+        return self.config["settings"]
+
+    @property
+    def elr(self):
+        return float(self.settings["elr"])
+
+    @property
+    def loss(self):
+        return self.settings["loss"]
+
+    @property
+    def num_classes(self):
+        return int(self.config.get("num_classes", 10))
+
+    @property
+    def parent(self):
+        return self.config.get("parent")
+
+    def columns(self):
+        return set(self.rows[0])
+
+
+def load_run(path):
+    run = RunDir(path)
+    config = run.read_config()
+    if not os.path.isfile(run.metrics_path):
+        raise SphrunError(f"{path} has no metrics.csv: it has not been evaluated yet")
+    rows = sorted(run.read_metrics(), key=lambda r: r["iter"])
+    if not rows:
+        raise SphrunError(f"{run.metrics_path} has no rows yet: wait for the first evaluation point")
+    if not isinstance(config.get("settings"), dict) or "elr" not in config["settings"]:
+        raise SphrunError(f"{run.config_path} has no settings with an elr")
+    return Run(str(path), config, rows)
+
+
+def find_dirs(paths, marker):
+    """Directories holding `marker` (config.json for runs, connect.csv for connect outputs): each path
+    itself when it holds one, else every such directory below it (not looking inside a found one)."""
+    found = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise SphrunError(f"{path} is not a directory: give run directories or folders of runs")
+        if is_target(path, marker):
+            found.append(path)
+            continue
+        below = []
+        for folder, subfolders, files in os.walk(path):
+            subfolders.sort()
+            if folder != path and is_target(folder, marker):
+                below.append(folder)
+                subfolders.clear()
+        if not below:
+            what = "sphrun runs" if marker == "config.json" else "sphrun connect outputs"
+            raise SphrunError(f"no {what} in {path} (no {marker} in it or below it)")
+        found += below
+    return list(dict.fromkeys(os.path.normpath(p) for p in found))
+
+
+def is_target(folder, marker):
+    if marker == "config.json":  # a run: a connect output has a config.json too, but also connect.csv
+        return (os.path.isfile(os.path.join(folder, "config.json"))
+                and not os.path.isfile(os.path.join(folder, "connect.csv")))
+    return os.path.isfile(os.path.join(folder, marker))
+
+
+def load_runs(dirs):
+    runs = [load_run(d) for d in dirs]
+    datasets = {dataset_key(r) for r in runs}
+    if len(datasets) > 1:
+        listed = "; ".join(f"{describe_dataset(*d)}" for d in sorted(datasets, key=str))
+        raise SphrunError(f"runs on different data sets ({listed}): plot each data set separately")
+    return sorted(runs, key=lambda r: (r.loss, r.parent is not None, r.elr, r.path))
+
+
+def dataset_key(run):
+    return run.settings.get("dataset"), run.config.get("train_size")
+
+
+def require_columns(run, columns, source="metrics.csv"):
+    missing = [c for c in columns if c not in run.columns()]
+    if missing:
+        raise SphrunError(f"{os.path.join(run.path, source)} has no column {', '.join(missing)} "
+                          f"(it has {', '.join(sorted(run.columns()))})")
+
+
+def read_curvature(run, required=True):
+    """RUN/curvature.csv as rows by step, each with the measures taken there (columns like hessian-eig);
+    None when there is none and none is required."""
+    from sphrun.curvature import CurvatureFile
+
+    measured, _ = CurvatureFile(run).read()
+    if not measured and not required:
+        return None
+    if not measured:
+        raise SphrunError(f"{run.path} has no curvature.csv: run `sphrun curvature {run.path}` first")
+    return [{"iter": it, **values} for it, values in sorted(measured.items())]
+
+
+def parent_rows(run, runs_by_path):
+    """(the parent's path, its metrics rows up to the fork) for a fine-tune whose parent can be read,
+    else (None, None)."""
+    parent = run.parent
+    if not isinstance(parent, dict) or "run" not in parent:
+        return None, None
+    # recorded relative to where the fine-tune was started: try there, then beside the fine-tune
+    named = str(parent["run"])
+    candidates = [named, os.path.join(os.path.dirname(run.path), os.path.basename(os.path.normpath(named)))]
+    for candidate in candidates:
+        key = os.path.normpath(str(candidate))
+        if key in runs_by_path:
+            source = runs_by_path[key]
+            break
+        if os.path.isfile(os.path.join(key, "metrics.csv")):
+            try:
+                source = load_run(key)
+            except SphrunError:
+                continue
+            break
+    else:
+        message(f"note: the parent {parent['run']} of fine-tune {run.path} is not readable; "
+                f"its line starts at the fork alone")
+        return None, None
+    fork = int(parent.get("iter", run.rows[0]["iter"]))
+    return key, [r for r in source.rows if r["iter"] <= fork] or None
+
+
+# --- figure helpers ----------------------------------------------------------------------------------
+def new_figure(rows=1, cols=1, height=2.6):
+    """A figure one column wide with a grid of axes (always 2-d); call it under `styled`."""
+    figure = Figure(figsize=(COLUMN_WIDTH, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, cols, squeeze=False)
+
+
+def styled(function):
+    """Draw under the module's style (fonts sized for one column), whatever the caller's rcParams."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def save(figure, out_path):
+    extension = os.path.splitext(out_path)[1].lower()
+    check_extension(out_path)
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise SphrunError(f"cannot write {out_path}: the folder {folder} does not exist")
+    atomic_write(out_path, lambda f: figure.savefig(f, format=extension[1:], dpi=300))
+    return out_path
+
+
+def check_extension(out_path):
+    extension = os.path.splitext(out_path)[1].lower()
+    if extension not in FORMATS:
+        raise SphrunError(f"cannot write {out_path!r}: the figure's name must end in "
+                          f"{', '.join(FORMATS)}")
+
+
+def axis_label(column, losses=(), short=False):
+    """The axis label of a column with its unit; `short` for the small panels of a 2x2 grid."""
+    label = LABELS.get(column.replace("-", "_"), column)
+    if short:
+        label = SHORT_LABELS.get(column, label)
+    if column in ("train_loss", "test_loss") and len(set(losses)) == 1:
+        label += " (nats)" if "ce" in losses else " (mean squared error)"
+    return label
+
+
+def shown(column, values):
+    """Values as drawn: fractions as percentages."""
+    values = np.asarray(values, dtype=float)
+    return values * 100 if column in PERCENT_COLUMNS else values
+
+
+def set_scale(ax, axis, values, log=True):
+    """Log scale where asked and every value is positive; symlog when some are 0; linear otherwise."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    setter = ax.set_xscale if axis == "x" else ax.set_yscale
+    if not log or len(values) == 0 or values.min() < 0:
+        setter("linear")
+    elif values.min() > 0:
+        setter("log")
+        tidy_log_ticks(ax.xaxis if axis == "x" else ax.yaxis, values.max() / values.min())
+    else:
+        positive = values[values > 0]
+        setter("symlog", linthresh=positive.min() if len(positive) else 1.0)
+
+
+def tidy_log_ticks(axis, span):
+    """Label only powers of ten over two decades or more (crowded minor labels collide at 7 pt); over
+    less, label 2x and 5x too (every minor tick below a factor 3), as plain numbers, so that the axis
+    always has several labels."""
+    if span >= 100:
+        axis.set_minor_formatter(NullFormatter())
+        return
+    labelled = range(2, 10) if span < 3 else (2, 5)
+    leading = lambda v: round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if leading(v) in labelled else ""))
+
+
+def elr_norm(elrs):
+    low, high = min(elrs), max(elrs)
+    if low == high:
+        low, high = low / 2, high * 2
+    return LogNorm(low, high)
+
+
+def title(runs):
+    """'CIFAR-10 (5,000 train images), cross-entropy, ConvNet c=8': the data, the losses, the models."""
+    first = runs[0]
+    data = describe_dataset(*dataset_key(first))
+    losses = " and ".join(LOSS_NAMES.get(l, l) for l in sorted({r.loss for r in runs}))
+    models = sorted({(r.settings.get("model", "convnet"), r.settings.get("width")) for r in runs}, key=str)
+    model_text = ", ".join(f"{'ConvNet' if m == 'convnet' else m} c={w}" for m, w in models)
+    text = f"{data}, {losses}, {model_text}"
+    return text if len(text) <= 48 else f"{data}\n{losses}, {model_text}"  # 48 characters fill a column
+
+
+def describe_dataset(dataset, train_size):
+    name = DATASET_NAMES.get(dataset, str(dataset))
+    return f"{name} ({train_size:,} train images)" if isinstance(train_size, int) else name
+
+
+def elr_text(elr):
+    return f"{elr:.3g}"
+
+
+# --- connect -----------------------------------------------------------------------------------------
+def read_connect(folder):
+    path = os.path.join(folder, "connect.csv")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except FileNotFoundError:
+        raise SphrunError(f"{folder} is not a sphrun connect output (no connect.csv)")
+    missing = [c for c in CONNECT_COLUMNS if c not in header]
+    if missing:
+        raise SphrunError(f"{path} has no column {', '.join(missing)}")
+    try:
+        rows = [{k: float(v) for k, v in row.items()} for row in rows]
+    except (TypeError, ValueError):
+        raise SphrunError(f"{path} has a malformed row")
+    if len(rows) < 2:
+        raise SphrunError(f"{path} has fewer than 2 points")
+    return sorted(rows, key=lambda r: r["alpha"])
+
+
+def read_connect_config(folder):
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def find_settings(tree):
+    """The first dict with a dataset and a loss anywhere in a connect config (the sources' settings)."""
+    if isinstance(tree, dict):
+        if "dataset" in tree and "loss" in tree:
+            return tree
+        children = tree.values()
+    elif isinstance(tree, list):
+        children = tree
+    else:
+        return None
+    for child in children:
+        found = find_settings(child)
+        if found:
+            return found
+    return None
+
+
+@styled
+def connect_figure(connect_dirs, out_path):
+    """Metrics along the segment between two runs' weights (figures 3, 5, 6), one line per connect
+    output: train loss, train error, test error and GM (test loss where GM is absent) against alpha."""
+    check_extension(out_path)
+    curves = [(os.path.basename(os.path.normpath(d)), read_connect(d)) for d in connect_dirs]
+    settings = [find_settings(read_connect_config(d)) for d in connect_dirs]
+    datasets = {(s.get("dataset"), s.get("subset")) for s in settings if s}
+    if len(datasets) > 1:
+        raise SphrunError("connect outputs on different data sets: plot each data set separately")
+    fourth = "gm" if all("gm" in rows[0] for _, rows in curves) else "test_loss"
+    losses = [s["loss"] for s in settings if s]
+    figure, axes = new_figure(2, 2, height=3.3)
+    for ax, column in zip(axes.flat, ("train_loss", "train_err", "test_err", fourth)):
+        values = []
+        for label, rows in curves:
+            y = shown(column, [r[column] for r in rows])
+            ax.plot([r["alpha"] for r in rows], y, marker=".", label=label)
+            values += list(y)
+        ax.set_xlabel(r"$\alpha$")
+        ax.set_ylabel(axis_label(column, losses, short=True))
+        set_scale(ax, "y", values, log=column in ("train_loss", "test_loss", "gm"))
+        ax.set_xlim(0, 1)
+    if len(curves) > 1:
+        figure.legend(*axes[0, 0].get_legend_handles_labels(), frameon=False, loc="outside lower center")
+    s = settings[0] if settings and settings[0] else None
+    heading = "Linear mode connectivity"
+    if s:
+        data = DATASET_NAMES.get(s["dataset"], s["dataset"])
+        if s.get("subset"):
+            data += f" (subset {s['subset']:g})"
+        heading += f"\n{data}, {LOSS_NAMES.get(s['loss'], s['loss'])}"
+        if "width" in s:
+            heading += f", ConvNet c={s['width']}"
+    figure.suptitle(heading)
+    return save(figure, out_path)
+
+
+# --- phase diagrams ----------------------------------------------------------------------------------
+def column_values(rows, column, curvature):
+    """{step: value} of `column` from metrics rows or, when not there, from curvature.csv rows;
+    None when neither has it. A curvature column may be named with - or _ (hessian-eig, hessian_eig)."""
+    if column in rows[0]:
+        return {r["iter"]: r[column] for r in rows}
+    for name in (column, column.replace("_", "-")):
+        values = {r["iter"]: r[name] for r in curvature or [] if name in r}
+        if values:
+            return values
+    return None
+
+
+def trajectory(run, rows, x, y, curvature):
+    """Points (x, y) at the steps where both are known, by step."""
+    xs, ys = column_values(rows, x, curvature), column_values(rows, y, curvature)
+    if xs is None or ys is None:
+        missing = x if xs is None else y
+        known = sorted(set(rows[0]) | {c for r in curvature or [] for c in r})
+        source = "metrics.csv or curvature.csv" if curvature else "metrics.csv, and it has no curvature.csv"
+        raise SphrunError(f"{run.path}: no column {missing} in {source} (there: {', '.join(known)})")
+    return [(xs[s], ys[s]) for s in sorted(xs) if s in ys]
+
+
+def needs_curvature(run, columns):
+    return any(c not in run.columns() for c in columns)
+
+
+@styled
+def phase_figure(runs, out_path, x="train_loss", y="gm"):
+    """Trajectories of (x, y) over the evaluation points, one per run, log-log, coloured by ELR
+    (figures 1, 16, 19; with curvature.csv columns figures 22, 23). Fine-tunes are dashed and start from
+    their parent's point at the fork."""
+    by_path = {os.path.normpath(r.path): r for r in runs}
+    norm = elr_norm([r.elr for r in runs])
+    cmap = ScalarMappable(norm=norm, cmap=ELR_COLORS)
+    figure, axes = new_figure(height=2.7)
+    ax = axes[0, 0]
+    all_x, all_y, orphan_parents = [], [], set()
+    for run in runs:
+        curvature = read_curvature(run, required=False) if needs_curvature(run, (x, y)) else None
+        points = trajectory(run, run.rows, x, y, curvature)
+        parent_path, fork = parent_rows(run, by_path) if run.parent else (None, None)
+        if fork and x in fork[-1] and y in fork[-1]:
+            parent_point = (fork[-1][x], fork[-1][y])
+            if not points or points[0] != parent_point:
+                points = [parent_point] + points
+            if parent_path not in by_path and parent_path not in orphan_parents:  # draw the lineage faintly
+                orphan_parents.add(parent_path)
+                ax.plot(shown(x, [r[x] for r in fork]), shown(y, [r[y] for r in fork]), color="0.6",
+                        linewidth=0.7, zorder=1)
+        if not points:
+            continue
+        px, py = shown(x, [p[0] for p in points]), shown(y, [p[1] for p in points])
+        all_x += list(px)
+        all_y += list(py)
+        color = cmap.to_rgba(run.elr)
+        marker = LOSS_MARKERS.get(run.loss, "o")
+        ax.plot(px, py, color=color, linestyle="--" if run.parent else "-", zorder=2)
+        ax.plot(px[:1], py[:1], marker=marker, markerfacecolor="white", markeredgecolor=color,
+                linestyle="none", zorder=3)
+        ax.plot(px[-1:], py[-1:], marker=marker, color=color, linestyle="none", zorder=3)
+    losses = [r.loss for r in runs]
+    ax.set_xlabel(axis_label(x, losses))
+    ax.set_ylabel(axis_label(y, losses))
+    set_scale(ax, "x", all_x, log=x not in ("cos_prev", "cos_init"))
+    set_scale(ax, "y", all_y, log=y not in ("cos_prev", "cos_init"))
+    figure.colorbar(cmap, ax=ax, label="ELR")
+    ax.legend(handles=phase_legend(runs, bool(orphan_parents)), frameon=False, loc="best")
+    ax.set_title(title(runs))
+    return save(figure, out_path)
+
+
+def phase_legend(runs, parents_drawn=False):
+    handles = [Line2D([], [], marker="o", markerfacecolor="white", markeredgecolor="0.3", color="0.3",
+                      linestyle="none", label="start"),
+               Line2D([], [], marker="o", color="0.3", linestyle="none", label="end")]
+    losses = sorted({r.loss for r in runs})
+    if len(losses) > 1:
+        handles += [Line2D([], [], marker=LOSS_MARKERS.get(l, "o"), color="0.3", linestyle="none",
+                           label=LOSS_NAMES.get(l, l)) for l in losses]
+    if any(r.parent for r in runs):
+        handles.append(Line2D([], [], color="0.3", linestyle="--", label="fine-tune"))
+    if parents_drawn:
+        handles.append(Line2D([], [], color="0.6", linewidth=0.7, label="its parent, to the fork"))
+    return handles
+
+
+# --- final metrics and phases against the ELR -----------------------------------------------------------
+def full_settings(run):
+    """The run's settings, with today's default for a setting its (older) config.json lacks."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **run.settings}
+
+
+def series_key(run):
+    """Runs drawn as one line against the ELR: same settings but the ELR and the run's length."""
+    settings = tuple(sorted((k, repr(v)) for k, v in full_settings(run).items() if k not in NOT_SERIES))
+    parent = run.parent if isinstance(run.parent, dict) else None
+    return settings, (str(parent.get("run")), parent.get("iter")) if parent else None
+
+
+def group_series(runs):
+    groups = {}
+    for run in runs:
+        groups.setdefault(series_key(run), []).append(run)
+    series = [sorted(g, key=lambda r: r.elr) for g in groups.values()]
+    return sorted(series, key=lambda g: (-len(g), g[0].loss, g[0].path))
+
+
+def series_label(series, all_series):
+    """What tells this line apart: the loss when losses differ, the parent for fine-tunes, else the
+    settings that differ between lines."""
+    first = series[0]
+    parts = []
+    if len({s[0].loss for s in all_series}) > 1:
+        parts.append(LOSS_NAMES.get(first.loss, first.loss))
+    if first.parent:
+        parts.append(f"fine-tuned from {os.path.basename(str(first.parent.get('run')))} "
+                     f"at step {first.parent.get('iter')}")
+    settings = [full_settings(s[0]) for s in all_series]
+    differing = [k for k in settings[0] if k not in NOT_SERIES + ("loss",)
+                 and len({repr(s.get(k)) for s in settings}) > 1]
+    parts += [f"{k}={full_settings(first).get(k)}" for k in differing]
+    return ", ".join(parts) or "from init"
+
+
+def phase_table(runs):
+    """One row per run: its ELR, final metrics and the classifier's verdict."""
+    table = []
+    for run in runs:
+        require_columns(run, ("train_loss", "train_err", "test_err", "gm", "cos_prev"))
+        verdict = classify(run.rows, run.num_classes)
+        last = run.rows[-1]
+        table.append({"run": run.path, "elr": run.elr, "loss": run.loss, "steps": last["iter"],
+                      "train_loss": last["train_loss"], "train_err": last["train_err"],
+                      "test_err": last["test_err"], "gm": last["gm"], "phase": verdict.phase,
+                      "evidence": verdict.evidence})
+    return table
+
+
+def table_path_for(figure_path):
+    """The phase table beside the figure: fig.png -> fig-phases.csv (never a run's own metrics.csv)."""
+    return os.path.splitext(figure_path)[0] + "-phases.csv"
+
+
+def write_table(table, path):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    write_text(path, buffer.getvalue())
+
+
+def print_table(table, series):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: one line per run, however long
+        console = Console(width=250)
+    by_run = {row["run"]: row for row in table}
+    for group in series:
+        rows = [by_run[r.path] for r in group]
+        shown_table = Table(title=series_label(group, series) if len(series) > 1 else None,
+                            show_edge=False, pad_edge=False)
+        for heading in ("ELR", "train loss", "train err", "test err", "GM", "phase", "evidence"):
+            shown_table.add_column(heading, justify="left" if heading == "evidence" else "right",
+                                   overflow="fold")
+        for row in rows:
+            shown_table.add_row(elr_text(row["elr"]), f"{row['train_loss']:.4g}", f"{row['train_err']:.3f}",
+                                f"{row['test_err']:.3f}", f"{row['gm']:.4g}", row["phase"], row["evidence"])
+        console.print(shown_table)
+        elrs, phases = [row["elr"] for row in rows], [row["phase"] for row in rows]
+        found = borders(elrs, phases)
+        if found:
+            console.print("borders: " + "; ".join(f"{a}|{b} between ELR {elr_text(lo)} and {elr_text(hi)}"
+                                                  for lo, hi, a, b in found))
+        if not in_paper_order(elrs, phases):
+            console.print("note: these phases are not in the paper's order (1, then 2, then 3 as ELR "
+                          "grows, each one contiguous block)")
+
+
+def shade_phases(ax, series_rows):
+    """Background bands of each run's phase, split at the geometric midpoints between neighbouring ELRs."""
+    elrs = [r["elr"] for r in series_rows]
+    if len(elrs) == 1:
+        edges = [elrs[0] / 2, elrs[0] * 2]
+    else:
+        mids = [math.sqrt(a * b) for a, b in zip(elrs, elrs[1:])]
+        edges = [elrs[0] ** 2 / mids[0]] + mids + [elrs[-1] ** 2 / mids[-1]]
+    for row, lo, hi in zip(series_rows, edges, edges[1:]):
+        if row["phase"] in PHASE_COLORS:
+            ax.axvspan(lo, hi, color=PHASE_COLORS[row["phase"]], linewidth=0, zorder=0)
+
+
+def phase_patches(phases):
+    return [Patch(color=PHASE_COLORS[p], label=f"phase {p}") for p in sorted(set(phases) & set(PHASE_COLORS))]
+
+
+@styled
+def metrics_figure(runs, out_path):
+    """Final train loss, train error, test error and GM against the ELR (figures 2, 18, 20), the phase
+    found for each run shaded; prints the phase table and writes it beside the figure as CSV."""
+    check_extension(out_path)
+    table = phase_table(runs)
+    by_run = {row["run"]: row for row in table}
+    series = group_series(runs)
+    figure, axes = new_figure(2, 2, height=3.3)
+    losses = [r.loss for r in runs]
+    shaded = [by_run[r.path] for r in series[0]]  # the line with the most runs: its phases in the back
+    for ax, column in zip(axes.flat, ("train_loss", "train_err", "test_err", "gm")):
+        shade_phases(ax, shaded)
+        values = []
+        for group in series:
+            rows = [by_run[r.path] for r in group]
+            y = shown(column, [row[column] for row in rows])
+            ax.plot([row["elr"] for row in rows], y, marker=LOSS_MARKERS.get(group[0].loss, "o"),
+                    linestyle="--" if group[0].parent else "-", label=series_label(group, series))
+            values += list(y)
+        ax.set_xscale("log")
+        set_scale(ax, "y", values, log=column in ("train_loss", "gm"))
+        ax.set_ylabel(axis_label(column, losses, short=True))
+        ax.set_xlabel("ELR")
+    handles = phase_patches([row["phase"] for row in shaded])
+    if len(series) > 1:
+        handles = axes[0, 0].get_legend_handles_labels()[0] + handles
+    if handles:  # below the panels, where it hides no point
+        figure.legend(handles=handles, frameon=False, loc="outside lower center", ncols=min(3, len(handles)))
+    figure.suptitle(title(runs))
+    save(figure, out_path)
+    print_table(table, series)
+    table_path = table_path_for(out_path)
+    write_table(table, table_path)
+    message(f"wrote {table_path}")
+    return out_path
+
+
+# --- cosines and projection error against the ELR -----------------------------------------------------
+def later_cosines(run):
+    """cos_prev over the later half of the run, whose evaluation points must be equally spaced (a shorter
+    last gap, where the run's length is not a multiple of the spacing, is left out)."""
+    require_columns(run, ("cos_prev",))
+    rows = run.rows
+    gaps = [b["iter"] - a["iter"] for a, b in zip(rows, rows[1:])]
+    if not gaps:
+        raise SphrunError(f"{run.path} has a single evaluation point: no cosine between checkpoints")
+    if len(gaps) > 1 and gaps[-1] < gaps[0]:
+        rows, gaps = rows[:-1], gaps[:-1]
+    if len(set(gaps)) > 1:
+        raise SphrunError(f"{run.path}: evaluation points are not equally spaced (gaps of {min(gaps)} to "
+                          f"{max(gaps)} steps), so its cosines are not comparable; "
+                          f"train with --eval-every N for this figure")
+    middle = (rows[0]["iter"] + rows[-1]["iter"]) / 2
+    return gaps[0], [r["cos_prev"] for r in rows[1:] if r["iter"] >= middle]
+
+
+def decade_ticks(ax, positions):
+    """An x axis in log10(ELR) units labelled like a log axis: ticks at the powers of ten."""
+    low, high = min(positions) - 0.3, max(positions) + 0.3
+    decades = range(math.ceil(low), math.floor(high) + 1)
+    if len(decades):
+        ax.set_xticks(list(decades), [f"$10^{{{k}}}$" for k in decades])
+    else:  # less than a decade: label the ELRs themselves
+        ax.set_xticks(sorted(set(positions)), [elr_text(10 ** p) for p in sorted(set(positions))])
+    ax.set_xlim(low, high)
+
+
+@styled
+def cosine_figure(runs, out_path):
+    """The distribution of the cosine between neighbouring checkpoints over the later half of each run,
+    one box per ELR (figures 10, 17), coloured by the run's phase."""
+    check_extension(out_path)
+    spacing, cosines = {}, {}
+    for run in runs:
+        spacing[run.path], cosines[run.path] = later_cosines(run)
+    if len(set(spacing.values())) > 1:
+        listed = ", ".join(f"{os.path.basename(p)}: {g}" for p, g in spacing.items())
+        raise SphrunError(f"runs have checkpoints a different number of steps apart ({listed}); "
+                          f"their cosines are not comparable: plot equally spaced runs together")
+    if not any(cosines.values()):
+        raise SphrunError("no run has evaluation points in its later half: train longer")
+    figure, axes = new_figure(height=2.6)
+    ax = axes[0, 0]
+    series = group_series(runs)
+    all_positions = np.log10([r.elr for r in runs])  # boxes sit on a log ELR axis
+    gaps = np.diff(np.unique(all_positions))
+    slot = min(0.3, 0.8 * gaps.min()) if len(gaps) else 0.3  # room for one ELR's boxes, in decades
+    width = slot / len(series)
+    phases = []
+    for i, group in enumerate(series):  # lines side by side within an ELR's slot
+        group = [r for r in group if cosines[r.path]]
+        offset = (i - (len(series) - 1) / 2) * width
+        positions = np.log10([r.elr for r in group]) + offset
+        boxes = ax.boxplot([cosines[r.path] for r in group], positions=positions,
+                           widths=0.85 * width, patch_artist=True, manage_ticks=False,
+                           flierprops={"markersize": 2}, medianprops={"color": "black"},
+                           boxprops={"edgecolor": f"C{i}" if len(series) > 1 else "black"})
+        for box, run in zip(boxes["boxes"], group):
+            phase = classify(run.rows, run.num_classes).phase if "train_err" in run.columns() else UNDECIDED
+            box.set_facecolor(PHASE_COLORS.get(phase, "white"))
+            phases.append(phase)
+    decade_ticks(ax, all_positions)
+    ax.axhline(0, color="0.6", linewidth=0.5, zorder=0)
+    ax.set_xlabel(axis_label("elr"))
+    ax.set_ylabel(f"cosine between checkpoints\n{next(iter(spacing.values()))} steps apart")
+    handles = phase_patches(phases)
+    if len(series) > 1:
+        handles += [Patch(facecolor="white", edgecolor=f"C{i}", label=series_label(g, series))
+                    for i, g in enumerate(series)]
+    if handles:
+        ax.legend(handles=handles, frameon=False, loc="best")
+    ax.set_title(title(runs))
+    return save(figure, out_path)
+
+
+@styled
+def projection_figure(runs, out_path):
+    """The projection error 1 - r against the ELR (figure 25): mean over each run's steps, with the
+    range over its evaluation intervals, and the paper's 2 % line."""
+    check_extension(out_path)
+    series = group_series(runs)
+    figure, axes = new_figure(height=2.5)
+    ax = axes[0, 0]
+    values = []
+    for group in series:
+        for run in group:
+            require_columns(run, ("proj_err",))
+        # the first row of a run is its starting point: no step was taken before it
+        intervals = [shown("proj_err", [r["proj_err"] for r in run.rows[1:]]) for run in group]
+        if not all(len(i) for i in intervals):
+            raise SphrunError("a run has a single evaluation point: no projection error to show")
+        means = np.array([i.mean() for i in intervals])
+        low = means - np.array([i.min() for i in intervals])
+        high = np.array([i.max() for i in intervals]) - means
+        ax.errorbar([r.elr for r in group], means, yerr=[low, high], marker=LOSS_MARKERS.get(group[0].loss, "o"),
+                    capsize=1.5, label=series_label(group, series) if len(series) > 1 else None)
+        values += list(means - low)
+    ax.axhline(100 * PROJECTION_LIMIT, color="0.4", linestyle=":", linewidth=0.8, label="2 %")
+    ax.set_xscale("log")
+    set_scale(ax, "y", values + [100 * PROJECTION_LIMIT])
+    ax.set_xlabel(axis_label("elr"))
+    ax.set_ylabel(axis_label("proj_err"))
+    ax.legend(frameon=False, loc="best")
+    ax.set_title(title(runs))
+    return save(figure, out_path)
+
+
+# --- the command -------------------------------------------------------------------------------------
+def default_out(dirs, kind):
+    """`<kind>.png` in the folder that holds the runs; `<run>-<kind>.png` beside a single run."""
+    if any(os.path.isabs(d) for d in dirs):
+        dirs = [os.path.abspath(d) for d in dirs]
+    if len(dirs) == 1:
+        return os.path.join(os.path.dirname(dirs[0]), f"{os.path.basename(dirs[0])}-{kind}.png")
+    return os.path.join(os.path.commonpath([os.path.dirname(d) for d in dirs]), f"{kind}.png")
+
+
+def default_out_for(paths, dirs, kind):
+    """A single folder of runs named on the command line holds the figure; otherwise see default_out."""
+    if len(paths) == 1 and os.path.normpath(paths[0]) not in dirs:
+        return os.path.join(paths[0], f"{kind}.png")
+    return default_out(dirs, kind)
+
+
+def curvature_measure(runs, y):
+    """--y for the curvature kind: the asked column, else the first measure of the first curvature.csv."""
+    if y:
+        return y
+    columns = list(dict.fromkeys(c for r in read_curvature(runs[0]) for c in r if c != "iter"))
+    preferred = [c for c in columns if c != "gm"] or columns
+    if not preferred:
+        raise SphrunError(f"{runs[0].path}/curvature.csv has no measure column")
+    return preferred[0]
+
+
+def plot(paths, kind, out=None, x=None, y=None):
+    """Draw the figure of `kind` from the runs (or connect outputs) in `paths`; returns its path."""
+    if kind not in KINDS:
+        raise SphrunError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if out is not None:
+        check_extension(out)
+    if (x or y) and kind not in ("phase", "curvature"):
+        raise SphrunError(f"--x and --y apply to the phase and curvature kinds, not to {kind}")
+    if kind == "connect":
+        dirs = find_dirs(paths, "connect.csv")
+        return connect_figure(dirs, out or default_out_for(paths, dirs, kind))
+    dirs = find_dirs(paths, "config.json")
+    runs = load_runs(dirs)
+    out = out or default_out_for(paths, dirs, kind)
+    if kind == "phase":
+        return phase_figure(runs, out, x or "train_loss", y or "gm")
+    if kind == "curvature":
+        for run in runs:
+            read_curvature(run)  # each run needs one: say so before drawing
+        return phase_figure(runs, out, x or "train_loss", curvature_measure(runs, y))
+    if kind == "metrics":
+        return metrics_figure(runs, out)
+    if kind == "cosine":
+        return cosine_figure(runs, out)
+    return projection_figure(runs, out)

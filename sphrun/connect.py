@@ -1,0 +1,207 @@
+"""Linear mode connectivity (PAPER.md §4.2, figures 3, 5, 6): metrics along the segment between two
+checkpoints of runs in one function space.
+
+At each alpha of an even grid in [0, 1], theta(alpha) = (1 - alpha) theta_A + alpha theta_B (alpha = 0
+is A) is rescaled to the radius (1 - alpha) rho_A + alpha rho_B, the runs' common radius when they share
+an init: a fully SI net computes the same function at any radius, but its gradients, hence GM, scale
+with 1 / radius. Then the BatchNorm running statistics are recomputed on the train set, since those of
+either end do not fit the point between, and the metrics are taken: train ones in BN train mode (batch
+statistics, as metrics.csv), test ones in eval mode with the recomputed statistics.
+"""
+
+import json
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from sphrun import SphrunError, __version__
+from sphrun.metrics import eval_metrics, train_metrics
+from sphrun.models import NORMALIZATIONS, build_model
+from sphrun.progress import StepProgress, message
+from sphrun.rundir import RunDir, format_value, write_text
+from sphrun.sphere import global_norm, project_
+
+CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err", "gm")
+# Settings that fix the function space: runs differing in any of them cannot be interpolated.
+FUNCTION_SPACE = ("model", "sphere", "width", "dataset", "subset", "loss")
+
+
+def parse_which(text, option):
+    """'last' -> 'last', '1200' -> 1200."""
+    if text == "last":
+        return "last"
+    if not text.isdigit():
+        raise SphrunError(f"{option} must be last or a step with a checkpoint, got {text!r}")
+    return int(text)
+
+
+class End(NamedTuple):
+    """One end of the segment: a run and one of its checkpoints."""
+    run: RunDir
+    stored: dict  # config.json
+    config: object  # its settings, a TrainConfig
+    checkpoint: dict
+
+    @property
+    def iter(self):
+        return int(self.checkpoint["iter"])
+
+
+def load_end(path, which):
+    from sphrun.train import read_settings
+
+    run = RunDir(path)
+    stored, config = read_settings(run)
+    return End(run, stored, config, run.load_checkpoint(which))
+
+
+def frozen_names(end):
+    """Names of the frozen (non-trainable) parameters of a run's network, read from its structure."""
+    c = end.config
+    model = build_model(c.model, c.width, end.stored["num_classes"], c.init_scale, c.seed, c.head_seed,
+                        sphere=c.sphere)
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def incompatibility(a, b):
+    """Why the runs of ends a and b are not in one function space, or None."""
+    for key in FUNCTION_SPACE:
+        if getattr(a.config, key) != getattr(b.config, key):
+            return f"another {key} ({getattr(a.config, key)!r} in {a.run}, {getattr(b.config, key)!r} in {b.run})"
+    for key in ("num_classes", "train_size"):
+        if a.stored.get(key) != b.stored.get(key):
+            return f"another data set ({key} {a.stored.get(key)} in {a.run}, {b.stored.get(key)} in {b.run})"
+    kind = lambda end: str(end.stored.get("data_source", "")).split(":")[0]
+    if kind(a) != kind(b):
+        return f"another data source ({kind(a)} in {a.run}, {kind(b)} in {b.run})"
+    for name in frozen_names(a):
+        ta, tb = a.checkpoint["model"].get(name), b.checkpoint["model"].get(name)
+        if ta is None or tb is None or ta.shape != tb.shape or not torch.equal(ta, tb):
+            return (f"a different frozen layer ({name} differs; "
+                    f"train both with the same --head-seed and --init-scale)")
+    return None
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model, x, batches):
+    """BatchNorm running statistics as the plain average over `batches` of the batch statistics
+    (reset, then momentum None: PyTorch's cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, NORMALIZATIONS)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for idx in batches:
+        model(x[idx])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
+def move_to_(params, theta_a, theta_b, alpha, radius):
+    """params <- lerp(theta_a, theta_b, alpha), rescaled to `radius` unless it is None.
+    torch.lerp is exact at both ends, so alpha = 0 and 1 give the runs' own weights."""
+    for p, a, b in zip(params, theta_a, theta_b):
+        torch.lerp(a, b, alpha, out=p)
+    if radius is not None:
+        project_(params, radius)
+
+
+def barrier(alphas, values):
+    """The largest rise of an interior point above the straight line between the end values (0 if none)."""
+    line = lambda a: (1 - a) * values[0] + a * values[-1]
+    return max([0.0] + [v - line(a) for a, v in zip(alphas[1:-1], values[1:-1])])
+
+
+def default_out(path_a, it_a, path_b, it_b, points, bn_batches, project):
+    name = lambda path: os.path.basename(os.path.normpath(path))
+    parts = [f"{name(path_a)}@{it_a}--{name(path_b)}@{it_b}"]
+    if points != 21:
+        parts.append(f"p{points}")
+    if bn_batches is not None:
+        parts.append(f"bn{bn_batches}")
+    if not project:
+        parts.append("noproj")
+    return os.path.join("connect", "-".join(parts))
+
+
+def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=None, project=None,
+            out=None, device="auto", data_dir=None, argv=()):
+    """Metrics along the segment from A to B; writes OUT/connect.csv, OUT/config.json and the figure.
+    Returns the output directory. `project` None: rescale the points for runs on the sphere, not for runs
+    trained off it (there a rescaled point computes another function)."""
+    from sphrun.train import restore
+
+    if points < 2:
+        raise SphrunError(f"--points must be at least 2 (the two ends), got {points}")
+    if bn_batches is not None and bn_batches < 1:
+        raise SphrunError(f"--bn-batches must be at least 1, got {bn_batches}")
+    a, b = load_end(path_a, from_a), load_end(path_b, from_b)
+    reason = incompatibility(a, b)
+    if reason:
+        raise SphrunError(f"cannot connect {a.run} and {b.run}: they are not one function space: {reason}")
+    if project and not a.config.sphere:
+        raise SphrunError(f"--project rescales points to the sphere, but {a.run} was trained off it "
+                          f"(--no-sphere), where that changes the function; drop --project")
+    project = a.config.sphere if project is None else project
+    out = out or default_out(path_a, a.iter, path_b, b.iter, points, bn_batches, project)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SphrunError(f"--out {out} is a file; choose a folder")
+    num_batches = math.ceil(a.stored["train_size"] / a.config.batch_size)  # as train_metrics splits
+    if bn_batches is not None and bn_batches > num_batches:
+        raise SphrunError(f"--bn-batches {bn_batches} is more than the {num_batches} train batches of {a.run}")
+    if (a.config.batch_size, a.config.data_seed) != (b.config.batch_size, b.config.data_seed):
+        message(f"note: the runs differ in batch size or batch order; train metrics use those of {a.run}, "
+                f"so the alpha = 1 end may differ from {b.run}'s own metrics")
+
+    run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir)
+    names = {id(p): n for n, p in model.named_parameters()}
+    theta_a = [p.detach().clone() for p in params]
+    theta_b = [b.checkpoint["model"][names[id(p)]].to(p.device, p.dtype) for p in params]
+    rho_a, rho_b = global_norm(theta_a).item(), global_norm(theta_b).item()
+    permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
+    batches = permutation.split(config.batch_size)
+    bn_batches_used = bn_batches or len(batches)
+
+    alphas = [i / (points - 1) for i in range(points)]
+    rows = []
+    message(f"connecting {a.run} at step {a.iter} to {b.run} at step {b.iter}: {points} points")
+    with StepProgress(points, label="connect") as bar:
+        for i, alpha in enumerate(alphas):
+            move_to_(params, theta_a, theta_b, alpha, (1 - alpha) * rho_a + alpha * rho_b if project else None)
+            recompute_bn_statistics(model, data.train_x, batches[:bn_batches_used])
+            train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, config.loss,
+                                                      config.batch_size, permutation)
+            test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, config.loss)
+            rows.append(dict(zip(CONNECT_COLUMNS, (alpha, train_loss, train_err, test_loss, test_err, gm))))
+            bar.update(i + 1)
+            bar.log(f"alpha {alpha:.3f}  train loss {train_loss:.4g}  train err {train_err:.3f}  "
+                    f"test loss {test_loss:.4g}  test err {test_err:.3f}  gm {gm:.4g}")
+
+    source = lambda end, rho: {"run": end.run.path, "iter": end.iter, "elr": end.checkpoint.get("elr"),
+                               "radius": rho, "settings": end.stored["settings"]}
+    record = {"command": "connect", "a": source(a, rho_a), "b": source(b, rho_b),
+              "points": points, "project": project, "bn_batches": bn_batches_used,
+              "batch_size": config.batch_size, "data_source": data.source,
+              "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
+                          "test_err": barrier(alphas, [r["test_err"] for r in rows])},
+              "versions": {"sphrun": __version__, "torch": torch.__version__}, "argv": list(argv)}
+    os.makedirs(out, exist_ok=True)
+    lines = [",".join(CONNECT_COLUMNS)] + [",".join(format_value(r[k]) for k in CONNECT_COLUMNS) for r in rows]
+    write_text(os.path.join(out, "connect.csv"), "\n".join(lines) + "\n")
+    write_text(os.path.join(out, "config.json"), json.dumps(record, indent=2) + "\n")
+    write_figure(out)
+    message(f"{out}: barrier {record['barrier']['train_loss']:.4g} in train loss, "
+            f"{record['barrier']['test_err']:.4g} in test error")
+    return out
+
+
+def write_figure(out):
+    from sphrun.plot import connect_figure
+
+    connect_figure([out], os.path.join(out, "connect.png"))

@@ -1,0 +1,353 @@
+"""Second-order measures of the train loss over the scale-invariant parameters (PAPER.md §2, §4.7).
+
+The loss measured is the train loss L = sum_b w_b L_b over mini-batches b of the fixed permutation that
+train metrics use (w_b = |b| / images measured), so every matrix is a weighted sum over batches:
+
+    hessian-trace  tr H,  H = d^2 L / d theta^2                 Hutchinson, Rademacher probes in theta space
+    hessian-eig    the largest (algebraic) eigenvalue of H      Lanczos with full reorthogonalization
+    fisher-trace   tr F,  F = sum_b w_b J_b^T Q_b J_b           Hutchinson, Rademacher probes in output space
+
+J_b is the Jacobian of the batch's logits with respect to theta and Q_b the Hessian of the batch loss
+with respect to the logits, so F is the Gauss-Newton matrix, which is the Fisher for these losses:
+per image Q = diag(p) - p p^T for cross-entropy (p the softmax), 2/C I for mse (mean over C classes),
+divided by the batch size. Traces are totals over all SI parameters, not per parameter. With BatchNorm
+in train mode an image's logits depend on its whole batch, which J_b and Q_b take into account.
+
+Probes are drawn per batch: tr H = sum_b w_b tr H_b is estimated with fresh probes in every batch, so
+the batches' errors are independent and average out (with one probe shared by all batches they would
+add up, batch Hessians being alike), at the same cost.
+"""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from sphrun import SphrunError, __version__
+from sphrun.metrics import batch_loss, preserved_bn_state, train_metrics
+from sphrun.progress import StepProgress, message
+from sphrun.rundir import RunDir, format_value, write_text
+
+MEASURES = ("gm", "fisher-trace", "hessian-trace", "hessian-eig")
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector, like):
+    """A flat vector cut into tensors shaped like the list `like`."""
+    return [v.view_as(p) for v, p in zip(vector.split([p.numel() for p in like]), like)]
+
+
+def rademacher(generator):
+    """A probe source: probe(k, like) is a vector of independent +-1 shaped, typed and placed like `like`."""
+    def probe(k, like):
+        signs = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
+        return (2 * signs - 1).to(like.dtype)
+    return probe
+
+
+def probe_generator(seed, it, measure, device):
+    """A generator seeded by (seed, step, measure): a checkpoint's value does not depend on which other
+    checkpoints or measures were computed in the same invocation."""
+    state = np.random.SeedSequence([seed, it, MEASURES.index(measure)]).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def batch_weights(batches):
+    total = sum(len(idx) for idx in batches)
+    return [len(idx) / total for idx in batches]
+
+
+def hessian_trace(model, params, x, y, loss, batches, probes, probe, advance=lambda: None):
+    """Hutchinson's tr H: mean over `probes` probes z of sum_b w_b z^T H_b z, one forward per batch."""
+    total = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+    for idx, weight in zip(batches, batch_weights(batches)):
+        grads = torch.autograd.grad(batch_loss(model(x[idx]), y[idx], loss), params, create_graph=True)
+        grad = flat(grads)
+        for k in range(probes):
+            z = probe(k, grad)
+            hz = torch.autograd.grad(grad @ z, params, retain_graph=True)
+            total += weight * (flat(hz) @ z).detach()
+            advance()
+    return total.item() / probes
+
+
+def fisher_trace(model, params, x, y, loss, batches, probes, probe, advance=lambda: None):
+    """Hutchinson's tr F: mean over probes u of sum_b w_b ||J_b^T S_b u||^2 with S_b S_b^T = Q_b, so
+    E_u = sum_b w_b tr(J_b^T Q_b J_b); u lives in the batch's logit space, one backward per probe."""
+    total = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+    for idx, weight in zip(batches, batch_weights(batches)):
+        logits = model(x[idx])
+        for k in range(probes):
+            u = probe(k, logits.detach().reshape(-1)).view_as(logits)
+            g = torch.autograd.grad(logits, params, grad_outputs=output_hessian_sqrt(logits.detach(), loss, u),
+                                    retain_graph=True)
+            total += weight * torch.stack([(t * t).sum() for t in g]).sum()
+            advance()
+    return total.item() / probes
+
+
+def output_hessian_sqrt(logits, loss, u):
+    """S u, where S S^T is the Hessian of the mean batch loss with respect to the logits (B, C).
+
+    ce: per image diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T (since sum p = 1);
+    mse (mean over classes): 2/C I. Both divided by the batch size B for the mean over the batch.
+    """
+    batch, classes = logits.shape
+    if loss == "ce":
+        p = torch.softmax(logits, dim=1)
+        root = p.sqrt()
+        return (root * u - p * (root * u).sum(1, keepdim=True)) / batch ** 0.5
+    return u * (2 / (classes * batch)) ** 0.5
+
+
+def hessian_vector_product(model, params, x, y, loss, batches, vector, advance=lambda: None):
+    """H v for the flat vector v, H the Hessian of sum_b w_b L_b."""
+    v = unflat(vector, params)
+    out = torch.zeros_like(vector)
+    for idx, weight in zip(batches, batch_weights(batches)):
+        grads = torch.autograd.grad(batch_loss(model(x[idx]), y[idx], loss), params, create_graph=True)
+        out += weight * flat(torch.autograd.grad(grads, params, grad_outputs=v))
+        advance()
+    return out
+
+
+def lanczos_top_eigenvalue(matvec, start, steps):
+    """The largest eigenvalue of the Ritz matrix after `steps` Lanczos steps from `start`.
+
+    Full reorthogonalization (twice, which is enough) keeps the basis orthogonal in floating point, so
+    no ghost copies appear; the tridiagonal eigenproblem is solved in float64. Stops early when the
+    Krylov space is invariant (then the Ritz values are exact).
+    """
+    basis = start[None] / torch.linalg.vector_norm(start)
+    alphas, betas = [], []
+    for _ in range(steps):
+        w = matvec(basis[-1])
+        alphas.append((w @ basis[-1]).item())
+        if len(alphas) == steps:
+            break
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        beta = torch.linalg.vector_norm(w).item()
+        if beta <= 100 * torch.finfo(w.dtype).eps * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        basis = torch.cat([basis, (w / beta)[None]])
+    off = torch.tensor(betas, dtype=torch.float64)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(tridiagonal).max().item()
+
+
+def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, lanczos=10, bn_mode="train",
+            seed=0, it=0, advance=lambda: None):
+    """{measure: value} at the model's current weights over the batches order.split(batch_size).
+
+    BatchNorm buffers and mode are left as found. gm is the mean mini-batch gradient norm in BN train
+    mode, as in metrics.csv, whatever `bn_mode`.
+    """
+    device = params[0].device
+    batches = order.split(batch_size)
+    probes_for = lambda name: rademacher(probe_generator(seed, it, name, device))
+    values = {}
+    with preserved_bn_state(model):
+        if "gm" in measures:
+            values["gm"] = train_metrics(model, params, x, y, loss, batch_size, order)[2]
+            for _ in batches:
+                advance()
+        model.train(bn_mode == "train")
+        if "fisher-trace" in measures:
+            values["fisher-trace"] = fisher_trace(model, params, x, y, loss, batches, probes,
+                                                  probes_for("fisher-trace"), advance)
+        if "hessian-trace" in measures:
+            values["hessian-trace"] = hessian_trace(model, params, x, y, loss, batches, probes,
+                                                    probes_for("hessian-trace"), advance)
+        if "hessian-eig" in measures:
+            start = probes_for("hessian-eig")(0, flat([p.detach() for p in params]))
+            matvec = lambda v: hessian_vector_product(model, params, x, y, loss, batches, v, advance)
+            values["hessian-eig"] = lanczos_top_eigenvalue(matvec, start, lanczos)
+    return values
+
+
+def cost_units(measures, num_batches, probes, lanczos):
+    """Batch passes that `measure` makes (the progress bar's unit)."""
+    per = {"gm": 1, "fisher-trace": probes, "hessian-trace": probes, "hessian-eig": lanczos}
+    return num_batches * sum(per[m] for m in measures)
+
+
+# --- RUN/curvature.csv ------------------------------------------------------------------------------
+
+def parse_measures(text):
+    """'gm,hessian-eig' -> ('gm', 'hessian-eig'), in the canonical column order."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MEASURES]
+    if unknown or not names:
+        raise SphrunError(f"unknown measure {', '.join(unknown) or repr(text)}: choose from {','.join(MEASURES)}")
+    return tuple(m for m in MEASURES if m in names)
+
+
+def parse_at(text):
+    """'all' -> 'all'; 'last' or '100,200' -> ['last'] or [100, 200]."""
+    if text.strip() == "all":
+        return "all"
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or any(t != "last" and not t.isdigit() for t in items):
+        raise SphrunError(f"--at must be all, last or step numbers like 100,200, got {text!r}")
+    return [t if t == "last" else int(t) for t in items]
+
+
+# The options each measure's value depends on: values of other options never mix in one column.
+DEPENDS_ON = {"gm": ("batches",), "fisher-trace": ("batches", "probes", "bn_mode", "seed"),
+              "hessian-trace": ("batches", "probes", "bn_mode", "seed"),
+              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed")}
+
+
+class CurvatureFile:
+    """RUN/curvature.csv (iter plus one column per measure, empty where not measured) and beside it
+    RUN/curvature.json, the options each column was measured with."""
+
+    def __init__(self, run):
+        self.csv_path = os.path.join(run.path, "curvature.csv")
+        self.json_path = os.path.join(run.path, "curvature.json")
+
+    def read(self):
+        """({iter: {measure: value}}, {measure: options})."""
+        options = {}
+        if os.path.exists(self.json_path):
+            try:
+                with open(self.json_path) as f:
+                    options = json.load(f)["options"]
+            except (OSError, ValueError, KeyError, TypeError):
+                options = None
+            if not isinstance(options, dict):
+                raise SphrunError(f"{self.json_path} is unreadable; delete it and curvature.csv to start over")
+        try:
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                columns = reader.fieldnames or []
+                raw = list(reader)
+        except FileNotFoundError:
+            return {}, options
+        if not columns or columns[0] != "iter" or any(c not in MEASURES for c in columns[1:]):
+            raise SphrunError(f"{self.csv_path} is not a sphrun curvature file (columns {columns})")
+        try:
+            rows = {int(r["iter"]): {m: float(r[m]) for m in columns[1:] if r[m] not in ("", None)} for r in raw}
+        except (TypeError, ValueError):
+            raise SphrunError(f"{self.csv_path} has a malformed row; delete it to start over")
+        return rows, options
+
+    def write(self, rows, options):
+        present = [m for m in MEASURES if any(m in values for values in rows.values())]
+        lines = [",".join(["iter", *present])]
+        for it in sorted(rows):
+            if any(m in rows[it] for m in present):
+                lines.append(",".join([str(it)] + [format_value(rows[it][m]) if m in rows[it] else ""
+                                                   for m in present]))
+        write_text(self.csv_path, "\n".join(lines) + "\n")
+        record = {"options": {m: options.get(m) for m in present},
+                  "versions": {"sphrun": __version__, "torch": torch.__version__}}
+        write_text(self.json_path, json.dumps(record, indent=2) + "\n")
+
+
+def reconcile(rows, stored, options, measures, recompute, path):
+    """Drop the columns of `measures` measured with other options when recomputing, refuse otherwise.
+    Returns the options of every column after this invocation."""
+    wanted = {m: {k: options[k] for k in DEPENDS_ON[m]} for m in measures}
+    for m in measures:
+        if any(m in values for values in rows.values()) and stored.get(m) != wanted[m]:
+            theirs = stored.get(m) or {}
+            differing = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in wanted[m].items()
+                                  if theirs.get(k) != v)
+            if not recompute:
+                raise SphrunError(f"{path} has {m} measured with other options ({differing}); repeat them, "
+                                  f"or pass --recompute to replace that column")
+            message(f"replacing the {m} column of {path}: it was measured with other options ({differing})")
+            for values in rows.values():
+                values.pop(m, None)
+    return {**stored, **wanted}
+
+
+def resolve_targets(run, at):
+    """[(checkpoint name, step)] for --at, every checkpoint checked to exist first."""
+    if at == "all":
+        iters = run.checkpoint_iters()
+        if not iters:
+            raise SphrunError(f"{run} has no checkpoints to measure")
+        return [(it, it) for it in iters]
+    targets = {}
+    for which in at:
+        if which == "last":
+            it = int(run.load_checkpoint("last")["iter"])
+            targets.setdefault(it, it if run.has_checkpoint(it) else "last")
+        else:
+            if not run.has_checkpoint(which):
+                run.load_checkpoint(which)  # raises, naming the checkpoints there
+            targets[which] = which
+    return [(which, it) for it, which in sorted(targets.items())]
+
+
+def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batches=None, bn_mode="train",
+                  recompute=False, seed=0, device="auto", data_dir=None):
+    """Measure a run's checkpoints and extend RUN/curvature.csv; returns {step: {measure: value}} measured.
+
+    `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
+    """
+    from sphrun.train import RunState, read_settings, restore
+
+    at = parse_at(at) if isinstance(at, str) else at
+    measures = parse_measures(measures) if isinstance(measures, str) else tuple(measures)
+
+    for name, value in (("--probes", probes), ("--lanczos", lanczos), ("--batches", batches or 1)):
+        if value < 1:
+            raise SphrunError(f"{name} must be at least 1, got {value}")
+    if bn_mode not in ("train", "eval"):
+        raise SphrunError(f"--bn-mode must be train or eval, got {bn_mode!r}")
+    run = RunDir(path)
+    stored, config = read_settings(run)
+    if not isinstance(stored.get("train_size"), int):
+        raise SphrunError(f"{run.config_path} has no train_size")
+    available = math.ceil(stored["train_size"] / config.batch_size)
+    if batches is not None and batches > available:
+        raise SphrunError(f"--batches {batches} is more than the {available} train batches of {run}")
+    num_batches = batches or available
+    targets = resolve_targets(run, at)
+    store = CurvatureFile(run)
+    rows, stored_options = store.read()
+    options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed}
+    column_options = reconcile(rows, stored_options, options, measures, recompute, store.csv_path)
+    todo = [(which, it, [m for m in measures if recompute or m not in rows.get(it, {})]) for which, it in targets]
+    todo = [t for t in todo if t[2]]
+    if not todo:
+        message(f"{store.csv_path} already has {','.join(measures)} at the steps asked; "
+                f"--recompute to measure again")
+        return {}
+    run, config, data, model, params, order, _ = restore(path, todo[0][0], device, data_dir)
+    # the batches of train metrics (metrics.train_metrics): slices of the epoch-0 permutation
+    permutation = order.permutation(0)[:num_batches * config.batch_size]
+    units = sum(cost_units(missing, num_batches, probes, lanczos) for _, _, missing in todo)
+    measured = {}
+    message(f"measuring {len(todo)} checkpoint(s) of {run} over {num_batches} batches of {config.batch_size}")
+    done = 0
+    with StepProgress(units, label="curvature") as bar:
+        def advance():
+            nonlocal done
+            done += 1
+            if bar.due():
+                bar.update(done)
+
+        for i, (which, it, missing) in enumerate(todo):
+            if i:
+                RunState.from_checkpoint(run.load_checkpoint(which), model, params, run.checkpoint_path(which))
+            for m in missing:  # one at a time, so that long work shows a line as each value comes
+                value = measure(model, params, data.train_x, data.train_y, config.loss, permutation,
+                                config.batch_size, [m], probes, lanczos, bn_mode, seed, it, advance)[m]
+                rows.setdefault(it, {})[m] = value
+                measured.setdefault(it, {})[m] = value
+                store.write(rows, column_options)
+                bar.log(f"step {it:>7d}  {m} {value:.6g}")
+        bar.update(done)
+    return measured

@@ -1,0 +1,136 @@
+"""sphrun connect: the ends are the runs, a run with itself is flat, only GM feels the projection,
+and runs of different function spaces are refused."""
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from sphrun.config import TrainConfig
+from sphrun.train import train
+
+TINY = dict(elr=1e-3, iters=8, eval_every=8, dataset="synthetic", subset=256, width=4, batch_size=32,
+            device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs that differ in the seed of their trainable weights only."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("connect")
+    for name, seed in (("a", 0), ("b", 1)):
+        train(TrainConfig(seed=seed, **TINY), str(root / name))
+    return str(root / "a"), str(root / "b")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def close(a, b, rel=1e-5):
+    return abs(a - b) <= rel * abs(b)
+
+
+def test_ends_are_the_runs_own_metrics(runs, cli, tmp_path):
+    a, b = runs
+    out = str(tmp_path / "ab")
+    code, err = cli("connect", a, b, "--points", "3", "--out", out)
+    assert code == 0, err
+    rows = read_csv(os.path.join(out, "connect.csv"))
+    assert [r["alpha"] for r in rows] == [0, 0.5, 1]
+    for row, run in ((rows[0], a), (rows[-1], b)):
+        own = read_csv(os.path.join(run, "metrics.csv"))[-1]  # BN train mode, like the train columns
+        assert all(close(row[k], own[k]) for k in ("train_loss", "train_err", "gm"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert (config["a"]["iter"], config["b"]["iter"], config["points"], config["project"]) == (8, 8, 3, True)
+    line = lambda k: (rows[0][k] + rows[-1][k]) / 2
+    assert close(config["barrier"]["train_loss"], max(0, rows[1]["train_loss"] - line("train_loss")))
+    assert close(config["barrier"]["test_err"], max(0, rows[1]["test_err"] - line("test_err")), 1e-6)
+    assert os.path.getsize(os.path.join(out, "connect.png")) > 0
+
+
+def test_run_connected_with_itself_is_flat(runs, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, _ = runs
+    code, err = cli("connect", a, a, "--from-b", "8", "--points", "3", "--bn-batches", "2")
+    assert code == 0, err
+    out = os.path.join("connect", "a@8--a@8-p3-bn2")  # the default name, from the runs and options
+    rows = read_csv(os.path.join(out, "connect.csv"))
+    assert all(r == {**rows[0], "alpha": r["alpha"]} for r in rows)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["barrier"] == {"train_loss": 0.0, "test_err": 0.0} and config["bn_batches"] == 2
+
+
+def test_projection_changes_gm_alone(runs):
+    """A fully SI net computes the same function at any radius; its gradients scale with 1 / radius.
+    (Up to BatchNorm's eps, added to variances that scale with radius^2: hence 1e-4.)"""
+    from sphrun.connect import move_to_, recompute_bn_statistics
+    from sphrun.metrics import eval_metrics, train_metrics
+    from sphrun.sphere import global_norm
+    from sphrun.train import restore
+
+    a, b = runs
+    _, config, data, model, params, order, _ = restore(a, "last", "cpu")
+    theta_a = [p.detach().clone() for p in params]
+    theta_b = [p.detach().clone() for p in restore(b, "last", "cpu")[4]]
+    radius = (global_norm(theta_a) + global_norm(theta_b)).item() / 2
+    permutation = order.permutation(0)
+    metrics = {}
+    for target in (radius, None):
+        move_to_(params, theta_a, theta_b, 0.5, target)
+        recompute_bn_statistics(model, data.train_x, permutation.split(config.batch_size))
+        metrics[target] = (*train_metrics(model, params, data.train_x, data.train_y, config.loss,
+                                          config.batch_size, permutation),
+                           *eval_metrics(model, data.test_x, data.test_y, config.loss))
+    middle = global_norm(params).item()
+    assert middle < 0.99 * radius
+    projected, unprojected = metrics[radius], metrics[None]  # (loss, err, gm, test loss, test err)
+    assert all(close(unprojected[i], projected[i], 1e-4) for i in (0, 1, 3, 4))
+    assert close(unprojected[2] * middle, projected[2] * radius, 1e-4)
+
+
+def edited_copy(run, tmp_path, settings=None, head=None):
+    """A copy of `run` whose config.json settings or frozen last layer are changed."""
+    copy = str(tmp_path / "other")
+    shutil.copytree(run, copy)
+    path = os.path.join(copy, "config.json")
+    config = json.load(open(path))
+    config["settings"].update(settings or {})
+    json.dump(config, open(path, "w"))
+    if head is not None:
+        for name in os.listdir(os.path.join(copy, "checkpoints")):
+            file = os.path.join(copy, "checkpoints", name)
+            state = torch.load(file, weights_only=True)
+            state["model"]["head.weight"] = head(state["model"]["head.weight"])
+            torch.save(state, file)
+    return copy
+
+
+@pytest.mark.parametrize("change,args,expected", [
+    (None, ["--points", "1"], "--points must be at least 2"),
+    (None, ["--from-b", "5"], "has no checkpoint 5"),
+    (None, ["--from-a", "latest"], "--from-a must be last or a step"),
+    (None, ["--bn-batches", "0"], "--bn-batches must be at least 1"),
+    (None, ["--bn-batches", "99"], "more than the 8 train batches"),
+    ({"settings": {"loss": "mse"}}, [], "another loss"),
+    ({"settings": {"width": 8}}, [], "another width"),
+    ({"settings": {"subset": 128}}, [], "another subset"),
+    ({"head": lambda w: 2 * w}, [], "a different frozen layer"),
+])
+def test_refusals_are_one_line_and_write_nothing(runs, cli, tmp_path, monkeypatch, change, args, expected):
+    monkeypatch.chdir(tmp_path)
+    a, b = runs
+    other = edited_copy(b, tmp_path, **change) if change else b
+    code, err = cli("connect", a, other, *args)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and expected in err, err
+    assert not os.path.exists("connect")
+
+
+def test_missing_run_is_refused(runs, cli, tmp_path):
+    code, err = cli("connect", runs[0], str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "not a sphrun run" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "out")

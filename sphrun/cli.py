@@ -10,6 +10,7 @@ from sphrun.config import TrainConfig, parse_subset
 from sphrun.progress import message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
                   help="Train scale-invariant networks on the sphere and study their loss landscape.")
 
 

@@ -9,6 +9,7 @@ resumed run continues the same stream.
 
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,9 +139,17 @@ def download_torchvision(dataset, data_dir):
     import torchvision
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[dataset]
+    before = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:
         cls(root=data_dir, train=True, download=True)  # downloads and extracts with torchvision's progress
     except Exception as e:
+        # a failed download leaves nothing behind: not the folder it made, nor a partial archive
+        if before is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            for name in set(os.listdir(data_dir)) - before:
+                path = os.path.join(data_dir, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
         raise SphrunError(
             f"no {dataset} data in {data_dir} and the download failed ({type(e).__name__}: {e}); "
             f"point --data-dir at a folder with {TORCHVISION_FOLDER[dataset]}/ or with train/<class>/ and "

@@ -64,7 +64,9 @@ def test_image_folder_on_the_shared_subset(shared_subset):
 def test_missing_data_with_failed_download_names_the_ways_out(tmp_path, monkeypatch):
     import torchvision
 
-    def no_network(*args, **kwargs):
+    def no_network(root, **kwargs):
+        os.makedirs(root, exist_ok=True)  # as torchvision does before it fetches
+        open(os.path.join(root, "cifar-10-python.tar.gz"), "wb").close()
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
@@ -73,6 +75,12 @@ def test_missing_data_with_failed_download_names_the_ways_out(tmp_path, monkeypa
     text = str(error.value)
     assert "download failed" in text and "--data-dir" in text and "--dataset synthetic" in text
     assert "train/<class>/" in text and "network unreachable" in text
+    assert not (tmp_path / "nothing").exists()  # nothing left behind
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("the user's file")
+    with pytest.raises(SphrunError):
+        load_data("cifar10", str(tmp_path / "kept"))
+    assert os.listdir(tmp_path / "kept") == ["mine.txt"]
 
 
 def test_download_goes_through_torchvision(tmp_path, monkeypatch):

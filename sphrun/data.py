@@ -149,7 +149,10 @@ def download_torchvision(dataset, data_dir):
         else:
             for name in set(os.listdir(data_dir)) - before:
                 path = os.path.join(data_dir, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
         raise SphrunError(
             f"no {dataset} data in {data_dir} and the download failed ({type(e).__name__}: {e}); "
             f"point --data-dir at a folder with {TORCHVISION_FOLDER[dataset]}/ or with train/<class>/ and "

@@ -127,16 +127,9 @@ def test_log_spaced_evaluation_points():
 ])
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, cli, args, complaint):
     monkeypatch.chdir(tmp_path)
-    base = [a for a in TINY_ARGS]
-    if "--dataset" in args:  # the case's own dataset replaces the tiny one
-        i = base.index("--dataset")
-        del base[i:i + 2]
-    if "--subset" in args:
-        i = base.index("--subset")
-        del base[i:i + 2]
-    if "--width" in args:
-        i = base.index("--width")
-        del base[i:i + 2]
+    # the tiny settings, less the options the case sets itself
+    base = [x for option, value in zip(TINY_ARGS[::2], TINY_ARGS[1::2]) if option not in args
+            for x in (option, value)]
     code, err = cli("train", *args, *base, "--iters", "8")
     assert code == 2
     lines = err.strip().splitlines()

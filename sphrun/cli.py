@@ -1,7 +1,10 @@
 """The sphrun command line: each command parses, validates and calls the modules that do the work."""
 
+import math
 import sys
 from typing import Optional
+
+import numpy as np
 
 import typer
 
@@ -35,8 +38,67 @@ def parse_elr(text):
         raise SphrunError(f"--elr must be a number like 7e-4, got {text!r}")
 
 
+def parse_elrs(text):
+    """--elr: one value (7e-4), a list (1e-4,5e-4,1e-3) or a log grid start:stop:count (1e-5:1:16).
+
+    Grid values are log-spaced from start to stop, both included, and rounded to 3 significant digits,
+    as run names show them, so `sphrun train --elr <value>` names the same run as the sweep.
+    """
+    text = text.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise SphrunError(f"--elr grid must be start:stop:count, like 1e-5:1:16, got {text!r}")
+        start, stop = (positive_elr(p) for p in parts[:2])
+        try:
+            count = int(parts[2])
+        except ValueError:
+            raise SphrunError(f"--elr grid count must be a whole number, got {parts[2]!r} in {text!r}")
+        if count < 1:
+            raise SphrunError(f"--elr grid count must be at least 1, got {count} in {text!r}")
+        if start > stop:
+            raise SphrunError(f"--elr grid start {start:g} is above its stop {stop:g}: write start:stop:count")
+        values = [float(f"{v:.3g}") for v in np.logspace(math.log10(start), math.log10(stop), count)]
+    else:
+        values = [positive_elr(p) for p in text.split(",")]
+    if len(set(values)) < len(values):
+        raise SphrunError(f"--elr {text} repeats a value (grid values are rounded to 3 digits): "
+                          f"give distinct ELRs")
+    return values
+
+
+def positive_elr(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise SphrunError(f"--elr must be a number like 7e-4, a list like 1e-4,1e-3 or a grid like 1e-5:1:16, "
+                          f"got {text!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise SphrunError(f"--elr must be a positive finite number, got {text.strip()}")
+    return value
+
+
+def parse_shard(text):
+    """--shard I/N: (I, N), 0 <= I < N."""
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise SphrunError(f"--shard must be I/N with whole numbers, like 0/4, got {text!r}")
+    if count < 1 or not 0 <= index < count:
+        raise SphrunError(f"--shard {text}: need 0 <= I < N (I counts from 0)")
+    return index, count
+
+
+def shard_of(elrs, index, count):
+    """Every count-th ELR of the grid starting at `index`: N shards cover the grid exactly once."""
+    mine = elrs[index::count]
+    if not mine:
+        raise SphrunError(f"--shard {index}/{count} of {len(elrs)} ELRs is empty: use at most {len(elrs)} shards")
+    return mine
+
+
 def training_rates(sphere, elr, lr, wd, momentum):
-    """The rates of the steps: --elr on the sphere (one, a list or a grid: sphrun.packed.parse_elrs),
+    """The rates of the steps: --elr on the sphere (one, a list or a grid: parse_elrs),
     --lr off it, each refused in the other's place."""
     if sphere:
         given = [name for name, value in (("--lr", lr), ("--wd", wd), ("--momentum", momentum)) if value is not None]
@@ -45,8 +107,6 @@ def training_rates(sphere, elr, lr, wd, momentum):
                               f"the rate is --elr, with no weight decay or momentum)")
         if elr is None:
             raise SphrunError("give --elr, the effective learning rate on the sphere (or --no-sphere --lr X)")
-        from sphrun.packed import parse_elrs
-
         return parse_elrs(elr)
     if elr is not None:
         raise SphrunError("--elr is the rate on the sphere; with --no-sphere give the plain learning rate --lr")
@@ -147,9 +207,7 @@ def train(
     rates = training_rates(sphere, elr, lr, wd, momentum)
     several = len(rates) > 1
     if shard is not None:
-        from sphrun.packed import parse_shard, shard as sharded
-
-        rates = sharded(rates, *parse_shard(shard))
+        rates = shard_of(rates, *parse_shard(shard))
     if pack is not None and pack < 1:
         raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
     config = TrainConfig(

@@ -50,7 +50,7 @@ class End(NamedTuple):
 
 
 def load_end(path, which):
-    from sphrun.train import read_settings
+    from sphrun.lifecycle import read_settings
 
     run = RunDir(path)
     stored, config = read_settings(run)
@@ -135,7 +135,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     """Metrics along the segment from A to B; writes OUT/connect.csv, OUT/config.json and the figure.
     Returns the output directory. `project` None: rescale the points for runs on the sphere, not for runs
     trained off it (there a rescaled point computes another function)."""
-    from sphrun.train import restore
+    from sphrun.lifecycle import restore
 
     if points < 2:
         raise SphrunError(f"--points must be at least 2 (the two ends), got {points}")

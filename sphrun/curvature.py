@@ -296,7 +296,7 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
 
     `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
     """
-    from sphrun.train import RunState, read_settings, restore
+    from sphrun.lifecycle import RunState, read_settings, restore
 
     at = parse_at(at) if isinstance(at, str) else at
     measures = parse_measures(measures) if isinstance(measures, str) else tuple(measures)

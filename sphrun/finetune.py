@@ -12,7 +12,8 @@ import os
 
 from sphrun import SphrunError
 from sphrun.rundir import RunDir
-from sphrun.train import Start, read_settings, train
+from sphrun.lifecycle import Start, read_settings
+from sphrun.train import train
 
 
 def parse_start(text):

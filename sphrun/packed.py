@@ -20,12 +20,10 @@ bfloat16 while weights, norms, projection and BatchNorm statistics stay float32.
 """
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,71 +36,12 @@ from sphrun.models import ConvNet
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir
 from sphrun.sphere import global_norm, learning_rate, step_direction, step_on_sphere
-from sphrun.train import (Interrupted, RunState, StopRequest, check_same_run, default_run_path, diverged,
-                          evaluation_steps, format_row, fresh_state, is_finite_row, metrics_row,
-                          mixed_precision, nothing_left, prepare, resolve_device, run_record, total_steps)
+from sphrun.lifecycle import (RunState, check_same_run, default_run_path, fresh_state, nothing_left, prepare,
+                              resolve_device, run_record, total_steps)
+from sphrun.train import (Interrupted, StopRequest, diverged, evaluation_steps, format_row, is_finite_row,
+                          metrics_row, mixed_precision)
 
 CUDA_GRAPH_WARMUP = 3  # eager steps before capture (real training steps): cuDNN and autograd settle first
-
-
-# --- the command line's lists ---------------------------------------------------------------------
-def parse_elrs(text):
-    """--elr: one value (7e-4), a list (1e-4,5e-4,1e-3) or a log grid start:stop:count (1e-5:1:16).
-
-    Grid values are log-spaced from start to stop, both included, and rounded to 3 significant digits,
-    as run names show them, so `sphrun train --elr <value>` names the same run as the sweep.
-    """
-    text = text.strip()
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise SphrunError(f"--elr grid must be start:stop:count, like 1e-5:1:16, got {text!r}")
-        start, stop = (positive_elr(p) for p in parts[:2])
-        try:
-            count = int(parts[2])
-        except ValueError:
-            raise SphrunError(f"--elr grid count must be a whole number, got {parts[2]!r} in {text!r}")
-        if count < 1:
-            raise SphrunError(f"--elr grid count must be at least 1, got {count} in {text!r}")
-        if start > stop:
-            raise SphrunError(f"--elr grid start {start:g} is above its stop {stop:g}: write start:stop:count")
-        values = [float(f"{v:.3g}") for v in np.logspace(math.log10(start), math.log10(stop), count)]
-    else:
-        values = [positive_elr(p) for p in text.split(",")]
-    if len(set(values)) < len(values):
-        raise SphrunError(f"--elr {text} repeats a value (grid values are rounded to 3 digits): "
-                          f"give distinct ELRs")
-    return values
-
-
-def positive_elr(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise SphrunError(f"--elr must be a number like 7e-4, a list like 1e-4,1e-3 or a grid like 1e-5:1:16, "
-                          f"got {text!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise SphrunError(f"--elr must be a positive finite number, got {text.strip()}")
-    return value
-
-
-def parse_shard(text):
-    """--shard I/N: (I, N), 0 <= I < N."""
-    try:
-        index, count = (int(p) for p in text.split("/"))
-    except ValueError:
-        raise SphrunError(f"--shard must be I/N with whole numbers, like 0/4, got {text!r}")
-    if count < 1 or not 0 <= index < count:
-        raise SphrunError(f"--shard {text}: need 0 <= I < N (I counts from 0)")
-    return index, count
-
-
-def shard(elrs, index, count):
-    """Every count-th ELR of the grid starting at `index`: N shards cover the grid exactly once."""
-    mine = elrs[index::count]
-    if not mine:
-        raise SphrunError(f"--shard {index}/{count} of {len(elrs)} ELRs is empty: use at most {len(elrs)} shards")
-    return mine
 
 
 # --- the packed network ---------------------------------------------------------------------------

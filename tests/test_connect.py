@@ -71,7 +71,7 @@ def test_projection_changes_gm_alone(runs):
     from sphrun.connect import move_to_, recompute_bn_statistics
     from sphrun.metrics import eval_metrics, train_metrics
     from sphrun.sphere import global_norm
-    from sphrun.train import restore
+    from sphrun.lifecycle import restore
 
     a, b = runs
     _, config, data, model, params, order, _ = restore(a, "last", "cpu")

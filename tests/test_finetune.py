@@ -8,7 +8,8 @@ import torch
 from conftest import TINY
 from sphrun.config import TrainConfig
 from sphrun.rundir import RunDir
-from sphrun.train import restore, train
+from sphrun.lifecycle import restore
+from sphrun.train import train
 
 
 @pytest.fixture(scope="module")

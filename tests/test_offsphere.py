@@ -9,7 +9,8 @@ from sphrun.config import TrainConfig
 from sphrun.models import build_model
 from sphrun.phases import classify
 from sphrun.rundir import RunDir
-from sphrun.train import restore, train
+from sphrun.lifecycle import restore
+from sphrun.train import train
 from test_data import write_torchvision_cifar
 from test_train import TINY_ARGS, assert_same_weights, final_state, rows_without_wall_time
 

@@ -15,7 +15,8 @@ from sphrun.data import synthetic_data
 from sphrun.finetune import finetune
 from sphrun.metrics import batch_loss
 from sphrun.models import build_model, trainable_scale_invariant
-from sphrun.packed import PackedConvNet, PackedStep, parse_elrs, parse_shard, shard, train_sweep
+from sphrun.cli import parse_elrs, parse_shard, shard_of
+from sphrun.packed import PackedConvNet, PackedStep, train_sweep
 from sphrun.rundir import METRICS_COLUMNS, RunDir
 from sphrun.sphere import global_norm, learning_rate
 from sphrun.train import Interrupted, train
@@ -219,7 +220,7 @@ def test_elr_lists_and_grids(text, values):
 
 def test_shards_cover_the_grid_once():
     grid = parse_elrs("1e-5:1:16")
-    parts = [shard(grid, *parse_shard(f"{i}/5")) for i in range(5)]
+    parts = [shard_of(grid, *parse_shard(f"{i}/5")) for i in range(5)]
     assert sorted(sum(parts, [])) == grid and parts[1] == grid[1::5]
 
 

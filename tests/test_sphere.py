@@ -7,7 +7,7 @@ import torch
 from sphrun.metrics import batch_loss
 from sphrun.models import build_model, scale_invariant_parameters
 from sphrun.sphere import global_norm, learning_rate, step_on_sphere
-from sphrun.train import prepare
+from sphrun.lifecycle import prepare
 
 
 def test_norm_is_rho0_after_every_step(tiny):

@@ -8,7 +8,7 @@ import torch
 from sphrun.config import TrainConfig
 from sphrun.metrics import batch_loss
 from sphrun.sphere import dot, global_norm, learning_rate, step_direction, step_on_sphere
-from sphrun.train import prepare
+from sphrun.lifecycle import prepare
 
 
 def on_sphere(rho, seed=0):

@@ -219,10 +219,8 @@ def train(
     if several:
         import dataclasses
 
-        from sphrun.packed import train_sweep
-
         configs = [dataclasses.replace(config, elr=rate) for rate in rates]
-        for run, status in train_sweep(configs, out, pack, argv=sys.argv):
+        for run, status in training.train_sweep(configs, out, pack, argv=sys.argv):
             message(f"{run}: {status}")
         return
     run, status = training.train(config, out, argv=sys.argv)

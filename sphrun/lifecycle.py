@@ -8,6 +8,7 @@ evaluation point, the projection error accumulated since then). The batch order 
 """
 
 import dataclasses
+import hashlib
 import sys
 from dataclasses import dataclass
 
@@ -23,21 +24,28 @@ from sphrun.sphere import global_norm
 
 
 def resolve_device(name):
+    """--device: auto, cpu, cuda or cuda:N, checked against what this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SphrunError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SphrunError(f"--device {name}: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         raise SphrunError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SphrunError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise SphrunError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}")
     return device
 
 
 @dataclass
 class RunState:
+    """One run's state besides its model's (weights and BatchNorm buffers): see the module's docstring."""
     iter: int
     rho0: float
     theta_init: list
@@ -45,17 +53,15 @@ class RunState:
     proj_err_sum: torch.Tensor  # sum of 1 - r over the steps since the previous evaluation point
     proj_err_steps: int
     wall_s: float
-    optimizer: dict | None = None  # off the sphere: the SGD state_dict (momentum buffers), None before a step
+    momentum: list | None = None  # off the sphere: SGD's momentum buffers, shaped like the weights
 
-    def checkpoint(self, model, elr, optimizer=None):
-        if optimizer is not None:
-            self.optimizer = optimizer.state_dict()
-        ckpt = {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model.state_dict(),
+    def checkpoint(self, model_state, elr):
+        ckpt = {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model_state,
                 "theta_init": self.theta_init, "theta_prev": self.theta_prev,
                 "proj_err_sum": self.proj_err_sum, "proj_err_steps": self.proj_err_steps,
                 "wall_s": self.wall_s}
-        if self.optimizer is not None:
-            ckpt["optimizer"] = self.optimizer
+        if self.momentum is not None:
+            ckpt["momentum"] = self.momentum
         return ckpt
 
     @classmethod
@@ -64,9 +70,11 @@ class RunState:
             model.load_state_dict(ckpt["model"])
             device = params[0].device
             to_device = lambda ts: [t.to(device) for t in ts]
+            momentum = ckpt.get("momentum")
             return cls(int(ckpt["iter"]), float(ckpt["rho0"]), to_device(ckpt["theta_init"]),
                        to_device(ckpt["theta_prev"]), ckpt["proj_err_sum"].to(device),
-                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]), ckpt.get("optimizer"))
+                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]),
+                       None if momentum is None else to_device(momentum))
         except (KeyError, RuntimeError, AttributeError, TypeError) as e:
             raise SphrunError(f"{path} does not fit this model ({type(e).__name__})")
 
@@ -79,6 +87,7 @@ class Start:
     path: str
     row: dict | None
     parent: dict
+    data: dict | None = None  # the parent's data identity (config.json "data"), None for older runs
 
 
 def fresh_state(params):
@@ -87,11 +96,45 @@ def fresh_state(params):
                     torch.zeros((), device=params[0].device), 0, 0.0)
 
 
+def load_run_data(config, device):
+    """The data set of `config` on `device` (channels_last on CUDA, stored so once) and its identity."""
+    data = load_data(config.dataset, config.data_dir, config.subset, "cpu")
+    identity = data_identity(data)
+    data = data.to(device)
+    if device.type == "cuda":
+        data.train_x = data.train_x.contiguous(memory_format=torch.channels_last)
+        data.test_x = data.test_x.contiguous(memory_format=torch.channels_last)
+    return data, identity
+
+
+def data_identity(data):
+    """What a run's images are, for config.json: sizes, images per class and a digest of every image
+    and label (the normalized tensors, train and test; about a second for all of CIFAR-10)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in (data.train_x, data.train_y, data.test_x, data.test_y):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"train_size": len(data.train_y), "test_size": len(data.test_y),
+            "train_per_class": torch.bincount(data.train_y, minlength=data.num_classes).tolist(),
+            "fingerprint": digest.hexdigest()}
+
+
+def data_difference(ours, theirs):
+    """How two data identities differ, in words, or None when they are the same data (or one is unknown)."""
+    if not ours or not theirs:
+        return None
+    for key in ("train_size", "test_size", "train_per_class"):
+        if ours.get(key) != theirs.get(key):
+            return f"{key.replace('_', ' ')} {theirs.get(key)} there, {ours.get(key)} here"
+    if ours.get("fingerprint") != theirs.get("fingerprint"):
+        return "the same sizes but other images"
+    return None
+
+
 def prepare(config, device, data=None):
     """Data, model, its trainable parameters and batch order of a configuration; on the sphere the
     trainable parameters are checked scale-invariant. `data`: the data set, when already loaded."""
     if data is None:
-        data = load_data(config.dataset, config.data_dir, config.subset, device)
+        data, _ = load_run_data(config, device)
     model = build_model(config.model, config.width, data.num_classes, config.init_scale,
                         config.seed, config.head_seed, sphere=config.sphere).to(device)
     if config.sphere:
@@ -108,11 +151,11 @@ def total_steps(config, steps_per_epoch):
     return config.origin + length
 
 
-def run_record(config, data, order, rho0, argv, parent=None):
-    """config.json's content for a new run."""
+def run_record(config, data, identity, order, rho0, argv, parent=None):
+    """config.json's content for a new run; `identity`: its data's (data_identity)."""
     return {"command": "finetune" if parent else "train", "settings": config.to_dict(),
             "data_source": data.source, "num_classes": data.num_classes, "train_size": len(data.train_y),
-            "test_size": len(data.test_y),
+            "test_size": len(data.test_y), "data": identity,
             "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
             "elr_meaning": ("effective learning rate on the unit sphere: lr = elr * rho0^2" if config.sphere else
                             "plain SGD learning rate (trained off the sphere): settings.elr and the elr "
@@ -131,7 +174,8 @@ def read_settings(run):
 
 
 def check_same_run(run, config):
-    """Refuse to continue a run directory that holds another configuration (length aside)."""
+    """Refuse to continue a run directory that holds another configuration (length aside); returns its
+    config.json."""
     stored, settings = read_settings(run)
     theirs = settings.identity()
     ours = config.identity()
@@ -141,6 +185,14 @@ def check_same_run(run, config):
         raise SphrunError(f"{run} holds a run of another configuration ({detail}); "
                           f"choose another --out or repeat its settings")
     return stored
+
+
+def check_same_data(run, stored, identity):
+    """Refuse to resume or extend a run on other data than its own."""
+    difference = data_difference(identity, stored.get("data"))
+    if difference:
+        raise SphrunError(f"{run} was trained on other data ({difference}; it used "
+                          f"{stored.get('data_source')}): point --data-dir at its data, or choose another --out")
 
 
 def default_run_path(config):
@@ -178,3 +230,37 @@ def restore(path, which="last", device="cpu", data_dir=None):
     data, model, params, order = prepare(config, resolve_device(device) if isinstance(device, str) else device)
     state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path(which))
     return run, config, data, model, params, order, state
+
+
+@dataclass
+class Member:
+    """One run of a pass of the loop: its settings, run directory, where it starts (its own last
+    checkpoint, a parent's for a new fine-tune, or its init) and, once packed, its state."""
+    config: TrainConfig
+    run: RunDir
+    start: Start | None = None  # a new fine-tune's parent checkpoint
+    stored: dict | None = None  # config.json of an existing run with a checkpoint to resume from
+    checkpoint: dict | None = None  # that checkpoint (last.pt)
+    status: str = "running"  # running while it has work to do, else the run's status
+    state: RunState | None = None
+
+    @property
+    def begins_at(self):
+        return int(self.checkpoint["iter"]) if self.checkpoint else self.config.origin
+
+
+def open_member(config, path, total, start=None):
+    """The run of `config` in `path`: new, to resume or extend, or with nothing left to do.
+
+    A directory whose run stopped before its first checkpoint (killed, or a crash in its first
+    evaluation) holds nothing worth keeping: it starts again from its beginning."""
+    member = Member(config, RunDir(path), start=start)
+    run = member.run
+    if run.exists():
+        stored = check_same_run(run, config)
+        if run.has_checkpoint("last"):
+            member.stored, member.checkpoint = stored, run.load_checkpoint("last")
+            member.status = nothing_left(run, stored, config, member.begins_at, total) or "running"
+        else:
+            message(f"{run} stopped before its first checkpoint: starting it again from its beginning")
+    return member

@@ -106,6 +106,11 @@ class RunDir:
             writer.writerow({k: format_value(row[k]) for k in METRICS_COLUMNS})
             f.flush()
 
+    def discard_metrics(self):
+        """Drop metrics.csv: a run starting (again) from its beginning writes it anew."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.metrics_path)
+
     def truncate_metrics(self, last_iter):
         """Drop rows past `last_iter` (written after the newest checkpoint by a killed process)."""
         rows = [r for r in self.read_metrics() if r["iter"] <= last_iter]

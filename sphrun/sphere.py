@@ -62,28 +62,49 @@ def random_seed(seed, step):
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def random_direction(grads, params, seed, step, members=False):
+def random_noise(shapes, seed, step):
+    """Standard normal tensors of `shapes`, drawn on the CPU from (seed, step): the same numbers on every
+    device, so a run resumed on another device walks on along the same directions."""
+    generator = torch.Generator().manual_seed(random_seed(seed, step))
+    return [torch.randn(shape, generator=generator) for shape in shapes]
+
+
+def random_direction(grads, params, seed=0, step=0, members=False, noise=None):
     """Uniform over the directions tangent to the sphere at theta, with the norm of `grads`, so the step
     is as long as the SGD step would be. (A Gaussian projected on the tangent space is isotropic there.)
-    Packed models all draw the noise their single runs would: one model's shapes, shared."""
-    device = params[0].device
-    generator = torch.Generator(device=device).manual_seed(random_seed(seed, step))
-    noise = [torch.randn(p.shape[1:] if members else p.shape, generator=generator, device=device,
-                         dtype=p.dtype).expand_as(p) for p in params]
+    `noise`: the Gaussian, shaped like params; drawn from (seed, step) when None, packed models all
+    drawing the noise their single runs would (one model's shapes, shared)."""
+    if noise is None:
+        shapes = [p.shape[1:] if members else p.shape for p in params]
+        noise = [n.to(p.device, p.dtype).expand_as(p) for n, p in zip(random_noise(shapes, seed, step), params)]
     tangent = tangent_part(noise, params, members)
     scale = global_norm(grads, members) / global_norm(tangent, members)
     return torch._foreach_mul(tangent, per_model(scale, tangent))
 
 
-def step_direction(kind, grads, params, seed=0, step=0, members=False):
-    """The direction a step of `kind` moves theta along; `seed` and `step` seed the random kind."""
+def step_direction(kind, grads, params, seed=0, step=0, members=False, noise=None):
+    """The direction a step of `kind` moves theta along; `seed` and `step` seed the random kind (or
+    `noise` gives its Gaussian: see random_direction)."""
     if kind == "sgd":
         return torch._foreach_neg(grads)
     if kind == "ascent":
         return list(grads)
     if kind == "random":
-        return random_direction(grads, params, seed, step, members)
+        return random_direction(grads, params, seed, step, members, noise)
     raise ValueError(f"unknown step kind {kind!r}")  # config.validate lets only config.STEPS through
+
+
+@torch.no_grad()
+def sgd_step(params, grads, lr, momentum, wd, buffers):
+    """Conventional SGD off the sphere, as torch.optim.SGD (no dampening, no Nesterov), in place:
+    d = grad + wd * theta, buf = momentum * buf + d, theta -= lr * buf. `buffers` start at zero, which
+    gives torch's first step (buf = d) exactly; lr may be a (K,) tensor, so the step can be replayed."""
+    directions = torch._foreach_add(grads, params, alpha=wd) if wd else list(grads)
+    if momentum:
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, directions)
+        directions = buffers
+    torch._foreach_sub_(params, torch._foreach_mul(directions, per_model(lr, directions)))
 
 
 @torch.no_grad()

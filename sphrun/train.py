@@ -1,23 +1,34 @@
-"""The training loop on the sphere: steps, evaluation points, checkpoints, resume.
+"""The one training loop. Every run is a pass of members trained together as one pack
+(sphrun.packed): the ELRs of a sweep of the ConvNet on the sphere, or a single run (any model, on the
+sphere or off it) as a pack of one. The loop steps the pack without a host sync, reads the device a
+few times a second for the progress bar, evaluates and checkpoints every member at the evaluation
+points, freezes a member that diverged, and on Ctrl-C saves and stops.
 
-Off the sphere (config.sphere False, PAPER.md §4.9) the same loop trains every parameter of the
-conventional model with torch's SGD, no projection; the rate in `elr` is then the plain learning rate,
-and the state also holds the optimizer's (momentum buffers), so a resume stays exact.
+On the sphere each step moves along config.step's direction (projected, or geodesic with
+config.geodesic) with the ELR elr_at(step), lr = elr * rho0^2; random directions are seeded by
+(seed, step), never saved. Off it (config.sphere False, docs/science.md, conventional training) each
+step is SGD with momentum and weight decay over every trainable parameter, the rate in `elr` being
+the plain learning rate, and the checkpoint also holds the momentum buffers, so a resume stays exact.
 """
 
+import contextlib
 import math
+import os
 import signal
 import time
 
 import torch
 
-from sphrun.lifecycle import (RunState, check_same_run, default_run_path, fresh_state, nothing_left, prepare,
-                              resolve_device, run_record, total_steps)
-from sphrun.metrics import batch_loss, cosine, eval_metrics, train_metrics
-from sphrun.models import scale_invariant_parameters
+from sphrun import SphrunError
+from sphrun.data import BatchOrder
+from sphrun.lifecycle import (RunState, check_same_data, check_same_run, data_difference, default_run_path,
+                              fresh_state, load_run_data, open_member, prepare, resolve_device, run_record,
+                              total_steps)
+from sphrun.metrics import cosine, eval_metrics, train_metrics
+from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir
-from sphrun.sphere import global_norm, learning_rate, step_direction, step_on_sphere
+from sphrun.sphere import global_norm, learning_rate
 
 
 class Interrupted(Exception):
@@ -41,28 +52,316 @@ def evaluation_steps(origin, total, steps_per_epoch, eval_every=None):
     return sorted({origin + o for o in offsets if origin + o < total} | {total})
 
 
-def mixed_precision(config, device):
-    """--precision bf16: convolutions and matrix products in bfloat16 (autocast); weights, gradients,
-    norms, the projection and BatchNorm statistics stay float32. Off for fp32. (No weight cache, so the
-    context may be captured in a CUDA graph.)"""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16",
-                          cache_enabled=False)
+class StopRequest:
+    """Turns the first Ctrl-C into a flag the loop checks between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user insists
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
-def evaluate(model, params, data, config, order, state, elr):
-    """The metrics.csv row of the current state; resets the projection-error accumulator.
+# --- which runs train, and in which passes ---------------------------------------------------------
+def train(config, out=None, argv=(), start=None):
+    """Start, resume or extend the run of `config` in `out` (default: runs/<name from the settings>);
+    returns the run directory and its status. A new run starts from its init, or from `start`, a
+    parent's checkpoint (a fine-tune); an existing one resumes from its own last checkpoint."""
+    [(run, status)] = train_runs([config], [out or default_run_path(config)], argv=argv, start=start)
+    return run, status
 
-    GM and the cosines are over the trainable parameters; si_norm over the scale-invariant ones, which
-    off the sphere are some of the trainable ones, found from the structure."""
+
+def train_sweep(configs, parent=None, pack=None, argv=()):
+    """Train the runs of `configs` (alike but for their ELR) packed, each in `parent`/<its default run
+    name> (default: where single runs go), `pack` models per pass (default: all); [(run, status)]."""
+    check_packable(configs[0])
+    return train_runs(configs, run_paths(configs, parent), pack, argv)
+
+
+def check_packable(config):
+    if config.model != "convnet" or not config.sphere:
+        what = f"--model {config.model}" + ("" if config.sphere else " --no-sphere")
+        raise SphrunError(f"several ELRs train as one packed ConvNet on the sphere; with {what} train one "
+                          f"ELR per command (a shell loop over --elr)")
+    if config.origin != 0:
+        raise SphrunError("a packed sweep starts from the init: fine-tune one ELR at a time")
+
+
+def run_paths(configs, parent):
+    """Each run's directory: its default name, under `parent` (default: where single runs go)."""
+    paths = [os.path.join(parent, c.default_run_name()) if parent else default_run_path(c) for c in configs]
+    if len(set(paths)) < len(paths):
+        raise SphrunError("two ELRs of the sweep round to the same run name: give ELRs that differ in "
+                          "their first 3 significant digits")
+    return paths
+
+
+def train_runs(configs, paths, pack=None, argv=(), start=None):
+    """Start, resume or extend the run of each config in its path, at most `pack` per pass. Every
+    directory is checked before data is loaded or anything is written. Returns [(run, status)]."""
+    if pack is not None and pack < 1:
+        raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
+    first = configs[0]
+    device = resolve_device(first.device)
+    for config, path in zip(configs, paths):
+        if RunDir(path).exists():
+            check_same_run(RunDir(path), config)
+    data, identity = load_run_data(first, device)
+    order = BatchOrder(len(data.train_y), first.batch_size, first.data_seed, device)
+    total = total_steps(first, order.steps_per_epoch)
+    members = [open_member(c, p, total, start) for c, p in zip(configs, paths)]
+    for m in members:
+        if m.stored:
+            check_same_data(m.run, m.stored, identity)
+        elif m.start and data_difference(identity, m.start.data):
+            message(f"note: {m.start.parent['run']} was trained on other data "
+                    f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
+    groups = passes([m for m in members if m.status == "running"], pack or len(members))
+    for number, group in enumerate(groups, 1):
+        message(announcement(group, total, order, device) +
+                (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
+        train_pass(group, data, identity, order, device, total, argv)
+    return [(m.run, m.status) for m in members]
+
+
+def passes(members, pack):
+    """Groups of at most `pack` members that start at the same step (a pass trains them in lockstep)."""
+    groups = []
+    for m in sorted(members, key=lambda m: m.begins_at):
+        if groups and groups[-1][0].begins_at == m.begins_at and len(groups[-1]) < pack:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    return groups
+
+
+def announcement(group, total, order, device):
+    first = group[0]
+    length = f"({order.steps_per_epoch} per epoch) on {device}"
+    if len(group) == 1 and first.checkpoint:
+        return f"resuming {first.run} at step {first.begins_at} of {total}"
+    if len(group) == 1:
+        what = (f"fine-tuning {first.start.parent['run']} from step {first.config.origin} into"
+                if first.start else "training")
+        return f"{what} {first.run}: {total - first.config.origin} steps {length}"
+    what = "training" if first.begins_at == 0 else "resuming"
+    elrs = ", ".join(f"{m.config.elr:.3g}" for m in group)
+    where = os.path.dirname(str(first.run)) or "."
+    return (f"{what} {len(group)} ELRs packed ({elrs}) from step {first.begins_at} to {total} {length}, "
+            f"runs in {where}/")
+
+
+# --- a pass ---------------------------------------------------------------------------------------
+def pack_members(members, data, device):
+    """The members' models (from their checkpoints, a parent's, or their init) as one pack, and the
+    step that trains it. Sets each member's RunState."""
+    models = []
+    for m in members:
+        _, model, params, _ = prepare(m.config, device, data)
+        if m.checkpoint:
+            m.state = RunState.from_checkpoint(m.checkpoint, model, params, m.run.checkpoint_path("last"))
+        elif m.start:
+            m.state = RunState.from_checkpoint(m.start.checkpoint, model, params, m.start.path)
+        else:
+            m.state = fresh_state(params)
+        models.append(model)
+    config = members[0].config
+    pack = pack_models(models, config.sphere, device)
+    rho = torch.tensor([m.state.rho0 for m in members], device=device)
+    momentum = None
+    if not config.sphere and all(m.state.momentum is not None for m in members):
+        momentum = [torch.stack(buffers) for buffers in zip(*(m.state.momentum for m in members))]
+    return pack, Step(pack, data, [m.config for m in members], rho, momentum)
+
+
+def train_pass(members, data, identity, order, device, total, argv):
+    """Train `members`, all at one step, together to step `total`, each in its run directory."""
+    config = members[0].config
+    pack, step = pack_members(members, data, device)
+    eval_steps = evaluation_steps(config.origin, total, order.steps_per_epoch, config.eval_every)
+    keep = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
+    with contextlib.ExitStack() as locks:
+        for m in members:
+            locks.enter_context(m.run.lock())
+        for m in members:
+            if m.checkpoint is not None:
+                m.run.truncate_metrics(m.state.iter)
+                m.run.set_status("running")
+            else:  # config.json first: from now on the directory is this run's, resumed or restarted
+                parent = m.start.parent if m.start else None
+                m.run.write_config(run_record(m.config, data, identity, order, m.state.rho0, argv, parent))
+                m.run.discard_metrics()
+        first_rows(pack, step, data, order, members)
+        run_pass(pack, step, data, order, members, total, eval_steps, keep)
+
+
+def first_rows(pack, step, data, order, members):
+    """A new run's first metrics row and checkpoint: a fine-tune's parent's row at its start step (the
+    same weights; its cos_prev and proj_err look back to the parent's previous evaluation point), or
+    measured now when there is none."""
+    measure = []
+    for k, m in enumerate(members):
+        if m.checkpoint is not None:
+            continue
+        if m.start and m.start.row:
+            m.run.append_metrics(m.start.row)
+            save(m, pack, step, k, at_eval_point=True)
+        else:
+            measure.append(k)
+    if measure:
+        record(pack, step, data, order, members, measure, keep=True)
+        freeze_diverged(step, members)
+
+
+def run_pass(pack, step, data, order, members, total, eval_steps, keep):
+    """The loop of a pass, from the members' step to `total`: steps without host syncs, evaluation
+    points, divergence, Ctrl-C. Leaves the members' RunStates at the step reached."""
+    it = members[0].state.iter
+    pending = [s for s in eval_steps if s > it]
+    elrs = None
+    label = f"{len(members)} ELRs" if len(members) > 1 else "train"
+    with StopRequest() as stop, StepProgress(total, start=it, label=label) as bar:
+        tick, since = time.perf_counter(), 0
+        while it < total and any(m.status == "running" for m in members):
+            now_elrs = [m.config.elr_at(it) for m in members]
+            if now_elrs != elrs:  # a host-to-device copy only when an ELR changes
+                elrs = now_elrs
+                step.lr.copy_(torch.tensor([step_rate(m, e) for m, e in zip(members, elrs)]))
+            step.idx.copy_(order.indices(it))
+            if step.noise is not None:
+                step.draw_noise(it)
+            step()
+            it, since = it + 1, since + 1
+            at_eval = pending and it == pending[0]
+            if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
+                alive, losses = step.alive.tolist(), step.loss.tolist()
+                for m, ok in zip(members, alive):
+                    if m.status == "running" and not ok:
+                        m.state.iter = it
+                        m.status = diverged(m.run, it)
+                running = [k for k, m in enumerate(members) if m.status == "running"]
+                if running:
+                    best = min(running, key=lambda k: losses[k])
+                    bar.update(it, losses[best], elrs[best])
+            if at_eval:
+                pending.pop(0)
+                catch_up(members, step, it, since, tick)
+                since = 0
+                running = [k for k, m in enumerate(members) if m.status == "running"]
+                for row in record(pack, step, data, order, members, running, keep=keep[it]):
+                    bar.log((f"elr {row['elr']:<9.3g} " if len(members) > 1 else "") + format_row(row))
+                freeze_diverged(step, members)
+                tick = time.perf_counter()
+            if stop.requested:
+                catch_up(members, step, it, since, tick)
+                interrupt(pack, step, members, it)
+    catch_up(members, step, it, since, tick)
+    for m in members:
+        if m.status == "running":
+            m.run.set_status("done")
+            m.status = "done"
+
+
+def step_rate(member, elr):
+    """The step's learning rate: elr * rho0^2 on the sphere, the plain rate in `elr` off it."""
+    return learning_rate(elr, member.state.rho0) if member.config.sphere else elr
+
+
+def catch_up(members, step, it, steps, tick):
+    """Bring the running members' RunStates to step `it`: `steps` more steps, the pass's projection
+    errors since they last were (moved out of the step's accumulator) and the time since `tick`."""
+    now = time.perf_counter()
+    for k, m in enumerate(members):
+        if m.status == "running":
+            m.state.iter = it
+            m.state.proj_err_sum = m.state.proj_err_sum + step.proj_err_sum[k]
+            m.state.proj_err_steps += steps
+            m.state.wall_s += now - tick
+    step.proj_err_sum.zero_()
+
+
+def interrupt(pack, step, members, it):
+    """Ctrl-C: save every running member where it is, mark it interrupted, and stop."""
+    for k, m in enumerate(members):
+        if m.status == "running":
+            save(m, pack, step, k, at_eval_point=False)
+            m.run.set_status("interrupted")
+    if len(members) == 1:
+        where = f"checkpoint saved in {members[0].run}"
+    else:
+        where = f"checkpoints saved in the runs in {os.path.dirname(str(members[0].run)) or '.'}/"
+    raise Interrupted(f"interrupted at step {it}: {where}; run the same command to resume")
+
+
+def freeze_diverged(step, members):
+    """Stop moving the members found diverged at an evaluation point (a non-finite row)."""
+    for k, m in enumerate(members):
+        if m.status == "diverged":
+            step.alive[k] = False
+
+
+def diverged(run, it):
+    run.set_status("diverged")
+    message(f"warning: {run} diverged (non-finite loss or norm) before step {it}; "
+            f"status diverged, metrics so far kept")
+    return "diverged"
+
+
+def latest_elr(config, it):
+    """The ELR of the step that led to step `it`; at the run's start, its parent's (a fine-tune) or its own."""
+    if it > config.origin:
+        return config.elr_at(it - 1)
+    return config.elr if config.elr_from is None else config.elr_from
+
+
+# --- evaluation points ----------------------------------------------------------------------------
+def save(member, pack, step, k, at_eval_point):
+    """Member k's checkpoint: its slice of the pack's state, as its single model's, and its RunState."""
+    model_state = {name: t.detach().clone() for name, t in pack.member_state_dict(k).items()}
+    if step.momentum is not None:
+        member.state.momentum = [b[k].clone() for b in step.momentum]
+    checkpoint = member.state.checkpoint(model_state, latest_elr(member.config, member.state.iter))
+    member.run.save_checkpoint(checkpoint, at_eval_point=at_eval_point)
+
+
+def record(pack, step, data, order, members, which, keep):
+    """Evaluate every model of the pack in one pass over the data; for the members `which` (indices),
+    write the metrics row and checkpoint, or mark the member diverged when its row is not finite.
+    Returns the rows written.
+
+    GM and the cosines are over the trainable tensors; si_norm over the scale-invariant ones (off the
+    sphere some of the trainable ones, found from the structure). Train metrics in BN train mode, test
+    metrics in eval mode (sphrun.metrics)."""
     start = time.perf_counter()
-    with mixed_precision(config, data.train_x.device):
-        train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, config.loss,
+    config = members[0].config
+    with mixed_precision(config.precision, data.train_x.device):
+        train_loss, train_err, gm = train_metrics(pack, pack.params, data.train_x, data.train_y, config.loss,
                                                   config.batch_size, order.permutation(0))
-        test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, config.loss)
-    si = params if config.sphere else scale_invariant_parameters(model)
-    measured = {"train_loss": train_loss, "train_err": train_err, "test_loss": test_loss,
-                "test_err": test_err, "gm": gm, "si_norm": global_norm(si).item()}
-    return metrics_row(state, params, elr, order.steps_per_epoch, measured, start)
+        test_loss, test_err = eval_metrics(pack, data.test_x, data.test_y, config.loss)
+    norms = global_norm(pack.si_params, members=True).tolist()
+    rows = []
+    for k in which:
+        m = members[k]
+        measured = {"train_loss": train_loss[k], "train_err": train_err[k], "test_loss": test_loss[k],
+                    "test_err": test_err[k], "gm": gm[k], "si_norm": norms[k]}
+        row = metrics_row(m.state, member_params(pack.params, k), latest_elr(m.config, m.state.iter),
+                          order.steps_per_epoch, measured, start)
+        if not is_finite_row(row):
+            m.status = diverged(m.run, m.state.iter)
+            continue
+        m.run.append_metrics(row)
+        save(m, pack, step, k, at_eval_point=keep)
+        rows.append(row)
+    return rows
 
 
 def metrics_row(state, params, elr, steps_per_epoch, measured, start):
@@ -85,163 +384,6 @@ def is_finite_row(row):
     return all(math.isfinite(row[k]) for k in ("train_loss", "gm", "si_norm"))
 
 
-class StopRequest:
-    """Turns the first Ctrl-C into a flag the loop checks between steps, so a step is never cut in half."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def conventional_optimizer(params, config, saved=None):
-    """torch's SGD over `params` with the run's momentum and weight decay, its momentum buffers taken
-    from `saved` (a state_dict) when given; the learning rate is set at each step."""
-    optimizer = torch.optim.SGD(params, lr=config.elr, momentum=config.momentum, weight_decay=config.wd)
-    if saved is not None:  # the buffers only: the settings come from the configuration
-        optimizer.load_state_dict({"state": saved["state"],
-                                   "param_groups": optimizer.state_dict()["param_groups"]})
-    return optimizer
-
-
-def conventional_step(optimizer, params, grads, lr):
-    """One step of torch's SGD at learning rate lr, in the whole parameter space."""
-    for p, g in zip(params, grads):
-        p.grad = g
-    optimizer.param_groups[0]["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def run_steps(run, config, model, params, data, order, state, total, eval_steps, elr_at):
-    """Train from state.iter to `total`, evaluating and checkpointing at `eval_steps`.
-
-    On the sphere each step moves along config.step's direction (projected, or geodesic with
-    config.geodesic) with the ELR elr_at(step); random directions are seeded by (config.seed, step),
-    never saved. Off it each step is torch's SGD with learning rate elr_at(step).
-
-    Returns the final status: done or diverged; raises Interrupted after saving on Ctrl-C.
-    """
-    keep_iter_file = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
-    pending = [s for s in eval_steps if s > state.iter]
-    nonfinite = torch.zeros((), dtype=torch.bool, device=params[0].device)
-    rho = state.rho0
-    optimizer = None if config.sphere else conventional_optimizer(params, config, state.optimizer)
-    with StopRequest() as stop, StepProgress(total, start=state.iter) as bar:
-        tick = time.perf_counter()
-        while state.iter < total:
-            elr = elr_at(state.iter)
-            idx = order.indices(state.iter)
-            with mixed_precision(config, data.train_x.device):
-                loss = batch_loss(model(data.train_x[idx]), data.train_y[idx], config.loss)
-            grads = torch.autograd.grad(loss, params)
-            nonfinite |= ~torch.isfinite(loss)
-            if optimizer is None:
-                direction = step_direction(config.step, grads, params, config.seed, state.iter)
-                proj_err = step_on_sphere(params, direction, learning_rate(elr, rho), rho, config.geodesic)
-                state.proj_err_sum += proj_err
-                nonfinite |= ~torch.isfinite(proj_err)
-            else:  # no projection: proj_err stays 0
-                conventional_step(optimizer, params, grads, elr)
-            state.proj_err_steps += 1
-            state.iter += 1
-            at_eval = pending and state.iter == pending[0]
-            if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
-                if nonfinite.item():
-                    return diverged(run, state)
-                bar.update(state.iter, loss.item(), elr)
-            if at_eval:
-                pending.pop(0)
-                now = time.perf_counter()
-                state.wall_s += now - tick
-                row = evaluate(model, params, data, config, order, state, elr)
-                if not is_finite_row(row):
-                    return diverged(run, state)
-                run.append_metrics(row)
-                run.save_checkpoint(state.checkpoint(model, elr, optimizer),
-                                    at_eval_point=keep_iter_file[state.iter])
-                bar.log(format_row(row))
-                tick = time.perf_counter()
-            if stop.requested:
-                state.wall_s += time.perf_counter() - tick
-                run.save_checkpoint(state.checkpoint(model, elr, optimizer), at_eval_point=False)
-                run.set_status("interrupted")
-                raise Interrupted(f"interrupted at step {state.iter}: checkpoint saved in {run}; "
-                                  f"run the same command to resume")
-    run.set_status("done")
-    return "done"
-
-
-def diverged(run, state):
-    run.set_status("diverged")
-    message(f"warning: {run} diverged (non-finite loss or norm) before step {state.iter}; "
-            f"status diverged, metrics so far kept")
-    return "diverged"
-
-
 def format_row(row):
     return (f"step {row['iter']:>7d}  epoch {row['epoch']:8.2f}  train loss {row['train_loss']:.4g}  "
             f"train err {row['train_err']:.3f}  test err {row['test_err']:.3f}  gm {row['gm']:.4g}")
-
-
-def train(config, out=None, argv=(), start=None):
-    """Start, resume or extend the run of `config` in `out`; returns the run directory and its status.
-
-    A new run starts from its init, or from `start`, a parent's checkpoint (a fine-tune); an existing
-    one resumes from its own last checkpoint.
-    """
-    device = resolve_device(config.device)
-    run = RunDir(out or default_run_path(config))
-    stored = check_same_run(run, config) if run.exists() else None
-    checkpoint = run.load_checkpoint("last") if stored else None
-    data, model, params, order = prepare(config, device)
-    total = total_steps(config, order.steps_per_epoch)
-    if stored:
-        state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path("last"))
-        finished = nothing_left(run, stored, config, state.iter, total)
-        if finished:
-            return run, finished
-    elif start:
-        state = RunState.from_checkpoint(start.checkpoint, model, params, start.path)
-    else:
-        state = fresh_state(params)
-    eval_steps = evaluation_steps(config.origin, total, order.steps_per_epoch, config.eval_every)
-    with run.lock():
-        if stored:
-            run.truncate_metrics(state.iter)
-            run.set_status("running")
-            message(f"resuming {run} at step {state.iter} of {total}")
-        else:
-            what = "training"
-            if start:
-                what = f"fine-tuning {start.parent['run']} from step {config.origin} into"
-            message(f"{what} {run}: {total - config.origin} steps ({order.steps_per_epoch} per epoch) "
-                    f"on {device}")
-            begin(run, config, data, model, params, order, state, argv, start)
-        status = run_steps(run, config, model, params, data, order, state, total, eval_steps,
-                           elr_at=config.elr_at)
-    return run, status
-
-
-def begin(run, config, data, model, params, order, state, argv, start):
-    """Write a new run's config.json, its first metrics row and checkpoint."""
-    run.write_config(run_record(config, data, order, state.rho0, argv, parent=start and start.parent))
-    if start and start.row:
-        # the parent's own row: the same weights, and its cos_prev and proj_err look back to the
-        # parent's previous evaluation point, as they would have without the fine-tune
-        row = start.row
-    else:
-        row = evaluate(model, params, data, config, order, state,
-                       float(start.checkpoint["elr"]) if start else config.elr)
-    run.append_metrics(row)
-    run.save_checkpoint(state.checkpoint(model, row["elr"]), at_eval_point=True)

@@ -65,7 +65,7 @@ def test_resume_with_momentum_is_bit_identical(tmp_path, with_momentum):
     assert_same_weights(final_state(tmp_path), final_state(with_momentum))
     assert rows_without_wall_time(tmp_path) == rows_without_wall_time(with_momentum)
     # without the momentum buffers in the checkpoint the second half would start from zero momentum
-    assert RunDir(tmp_path).load_checkpoint(4)["optimizer"]["state"]
+    assert RunDir(tmp_path).load_checkpoint(4)["momentum"]
 
 
 def test_a_huge_learning_rate_blows_up_and_is_recorded_as_diverged(tmp_path, cli):

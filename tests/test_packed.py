@@ -1,7 +1,6 @@
 """Packed ELR sweeps (sphrun.packed): K packed models = K separate runs, divergence isolation, the run
 directory format, resume, the grouped (CUDA) form, bf16, and the --elr/--shard/--pack command line."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -9,14 +8,15 @@ import shutil
 import pytest
 import torch
 
-import sphrun.packed as packed
+import sphrun.train as training
 from sphrun.config import TrainConfig
 from sphrun.data import synthetic_data
 from sphrun.finetune import finetune
 from sphrun.metrics import batch_loss
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.cli import parse_elrs, parse_shard, shard_of
-from sphrun.packed import PackedConvNet, PackedStep, train_sweep
+from sphrun.packed import PackedConvNet, Step
+from sphrun.train import train_sweep
 from sphrun.rundir import METRICS_COLUMNS, RunDir
 from sphrun.sphere import global_norm, learning_rate
 from sphrun.train import Interrupted, train
@@ -137,7 +137,7 @@ def test_interrupted_sweep_resumes_exactly(tmp_path, monkeypatch, sweep):
             StopAfter.checks += 1
             return StopAfter.checks == 15
 
-    monkeypatch.setattr(packed, "StopRequest", StopAfter)
+    monkeypatch.setattr(training, "StopRequest", StopAfter)
     with pytest.raises(Interrupted):
         train_sweep(configs(ELRS, iters=25), str(tmp_path))
     runs = [RunDir(tmp_path / os.path.basename(sweep[elr])) for elr in ELRS]
@@ -162,13 +162,12 @@ def test_grouped_form_computes_the_same_models():
     model, singles = packed_and_single(grouped=True)
     losses = batch_loss(model(data.train_x), data.train_y, "ce")
     grads = torch.autograd.grad(losses.sum(), list(model.weights))
-    template = build_model("convnet", 2, 10, 10.0, seed=0, head_seed=0)
     for k, single in enumerate(singles):
         loss = batch_loss(single(data.train_x), data.train_y, "ce")
         assert losses[k].item() == pytest.approx(loss.item(), rel=1e-5)
         for g, h in zip(grads, torch.autograd.grad(loss, trainable_scale_invariant(single))):
             assert relative_difference(g[k], h) < 1e-5
-        state = model.member_state_dict(k, template)  # running statistics updated per model
+        state = model.member_state_dict(k)  # running statistics updated per model
         for name, value in single.state_dict().items():
             assert torch.allclose(state[name].float(), value.float(), rtol=1e-5, atol=1e-6), name
 
@@ -179,7 +178,7 @@ def test_bf16_keeps_weights_norms_and_statistics_float32():
     model, _ = packed_and_single(grouped=False)
     params = list(model.weights)
     rho = global_norm(params, members=True)
-    step = PackedStep(model, params, data, config, rho)
+    step = Step(model, data, [config] * 3, rho)
     step.lr.copy_(learning_rate(1e-3, rho))
     step.idx.copy_(torch.arange(16))
     step()

@@ -57,7 +57,7 @@ def finetune(parent_path, elr, start="last", iters=None, epochs=None, transition
         raise SphrunError("give the fine-tune's length: --iters N (steps) or --epochs N")
     which = parse_start(start)
     parent = RunDir(parent_path)
-    _, parent_config = read_settings(parent)
+    parent_stored, parent_config = read_settings(parent)
     if plain_lr is not None and plain_lr == parent_config.sphere:
         form, option = ("on", "--elr") if parent_config.sphere else ("off", "--lr")
         raise SphrunError(f"{parent_path} was trained {form} the sphere: give its new rate as {option}")
@@ -80,4 +80,5 @@ def finetune(parent_path, elr, start="last", iters=None, epochs=None, transition
         raise SphrunError(f"--out {out} is the parent run itself; give the fine-tune its own directory")
     row = next((r for r in rows if r["iter"] == origin), None)
     parent_record = {"run": os.path.normpath(parent_path), "iter": origin}
-    return train(config, out, argv, start=Start(checkpoint, parent.checkpoint_path(which), row, parent_record))
+    start = Start(checkpoint, parent.checkpoint_path(which), row, parent_record, parent_stored.get("data"))
+    return train(config, out, argv, start=start)

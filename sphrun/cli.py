@@ -366,7 +366,7 @@ def curvature(
     measures: str = typer.Option("gm,fisher-trace,hessian-trace,hessian-eig",
                                  help="Comma-separated, from: gm (mean over batches of the SI gradient norm, "
                                       "BN train mode always, as metrics.csv); fisher-trace (trace of the "
-                                      "Gauss-Newton matrix sum_b w_b J_b^T Q_b J_b, Q_b the Hessian of the "
+                                      "Gauss-Newton matrix mean_b J_b^T Q_b J_b, Q_b the Hessian of the "
                                       "loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; "
                                       "the Fisher for these losses); hessian-trace (trace of the Hessian of "
                                       "the train loss); hessian-eig (the largest eigenvalue of that "

@@ -22,6 +22,8 @@ def _root():
     """Train scale-invariant networks on the sphere and study their loss landscape."""
 
 
+TF32_HELP = ("Let CUDA run convolutions and matrix products in TF32 (10-bit mantissa), as training does. "
+             "(default: off, full float32; no effect on the CPU)")
 STEP_HELP = ("Step direction: sgd (-gradient); random (a uniformly random direction tangent to the sphere, "
              "as long as the SGD step: the random-walk control of phase 3); ascent (+gradient).")
 GEODESIC_HELP = ("Geodesic steps: turn theta along the great circle by exactly the nominal angle "
@@ -323,9 +325,9 @@ def connect(
     from_a: str = typer.Option("last", help="A's checkpoint: last, or the step of one."),
     from_b: str = typer.Option("last", help="B's checkpoint: last, or the step of one."),
     points: int = typer.Option(21, help="Number of alphas, evenly spaced in [0, 1], ends included (>= 2)."),
-    bn_batches: Optional[int] = typer.Option(None, help="Train batches (of A's batch size) over which each "
-                                                        "point's BatchNorm running statistics are recomputed, "
-                                                        "as a plain average. (default: all)"),
+    bn_batches: Optional[int] = typer.Option(None, help="Full train batches (of A's batch size) over which "
+                                                        "each point's BatchNorm running statistics are "
+                                                        "recomputed, as a plain average. (default: all)"),
     project: Optional[bool] = typer.Option(None, "--project/--no-project",
                                            help="Rescale each point to the sphere, radius (1 - alpha) rho_A + "
                                                 "alpha rho_B (the runs' radius). Only GM depends on it. "
@@ -334,12 +336,15 @@ def connect(
     data_dir: Optional[str] = typer.Option(None, help="Where A's data set is. (default: A's --data-dir)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Optional[str] = typer.Option(None, help="Output folder. (default: connect/<A>@<step>--<B>@<step>"
-                                                 "[-p<points>][-bn<N>][-noproj])"),
+                                                 "[-p<points>][-bn<N>][-noproj][-tf32])"),
+    tf32: bool = typer.Option(False, help=TF32_HELP),
 ):
     """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (PAPER.md §4.2).
 
     At each point BatchNorm statistics are recomputed on the train set, then train loss/error and GM
     are measured in BN train mode (batch statistics, as metrics.csv) and test loss/error in eval mode.
+    Train metrics and the recomputation use A's full train batches, as training cuts them: the
+    n mod batch-size leftover images are left out, and GM is the plain mean over the batches.
     Writes OUT/connect.csv (alpha,train_loss,train_err,test_loss,test_err,gm; errors as fractions),
     OUT/config.json (both ends, settings, and the barrier: the largest rise of an inner point above the
     straight line between the ends, for train loss and test error) and OUT/connect.png. The runs must be
@@ -349,7 +354,7 @@ def connect(
 
     run_connect(run_a, run_b, parse_which(from_a, "--from-a"), parse_which(from_b, "--from-b"), points=points,
                 bn_batches=bn_batches, project=project, out=out,
-                device=device, data_dir=data_dir, argv=sys.argv)
+                device=device, data_dir=data_dir, argv=sys.argv, allow_tf32=tf32)
 
 
 @app.command()
@@ -359,7 +364,7 @@ def curvature(
     measures: str = typer.Option("gm,fisher-trace,hessian-trace,hessian-eig",
                                  help="Comma-separated, from: gm (mean over batches of the SI gradient norm, "
                                       "BN train mode always, as metrics.csv); fisher-trace (trace of the "
-                                      "Gauss-Newton matrix sum_b w_b J_b^T Q_b J_b, Q_b the Hessian of the "
+                                      "Gauss-Newton matrix mean_b J_b^T Q_b J_b, Q_b the Hessian of the "
                                       "loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; "
                                       "the Fisher for these losses); hessian-trace (trace of the Hessian of "
                                       "the train loss); hessian-eig (the largest eigenvalue of that "
@@ -369,18 +374,22 @@ def curvature(
     probes: int = typer.Option(5, help="Rademacher probe vectors per batch of the Hutchinson traces."),
     lanczos: int = typer.Option(10, help="Lanczos steps (Hessian-vector products over all batches) of "
                                          "hessian-eig."),
-    batches: Optional[int] = typer.Option(None, help="Measure over the first N train batches of the run's "
-                                                     "batch size, those of metrics.csv. (default: all)"),
+    batches: Optional[int] = typer.Option(None, help="Measure over the first N full train batches of the "
+                                                     "run's batch size, those of metrics.csv. (default: all "
+                                                     "full batches; the n mod batch-size leftover images "
+                                                     "are left out, as training leaves them out)"),
     bn_mode: str = typer.Option("train", help="BatchNorm during the second-order measures: train (batch "
                                               "statistics, as the paper) or eval (running statistics)."),
     recompute: bool = typer.Option(False, help="Measure again steps already in curvature.csv."),
     seed: int = typer.Option(0, help="Seed of the probes and of the Lanczos start vector."),
     data_dir: Optional[str] = typer.Option(None, help="Where the run's data set is. (default: its --data-dir)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    tf32: bool = typer.Option(False, help=TF32_HELP),
 ):
     """Curvature of the train loss at a run's checkpoints (PAPER.md §2, §4.7; figures 22, 23).
 
-    The loss is sum_b w_b L_b over the train batches (w_b = |b| / images), BatchNorm in train mode by
+    The loss is the mean of the batch losses L_b over the run's full train batches (those of
+    metrics.csv: the n mod batch-size leftover images are left out), BatchNorm in train mode by
     default; BatchNorm buffers are left as found. Adds one row per step to RUN/curvature.csv (iter plus
     one column per measure); steps and measures already there are skipped unless --recompute. The
     settings used are kept in RUN/curvature.json, and values of other settings are never mixed in.
@@ -390,7 +399,7 @@ def curvature(
 
     run_curvature(run, at, measures, probes=probes, lanczos=lanczos,
                   batches=batches, bn_mode=bn_mode, recompute=recompute,
-                  seed=seed, device=device, data_dir=data_dir)
+                  seed=seed, device=device, data_dir=data_dir, allow_tf32=tf32)
 
 
 def main():

@@ -6,18 +6,19 @@ is A) is rescaled to the radius (1 - alpha) rho_A + alpha rho_B, the runs' commo
 an init: a fully SI net computes the same function at any radius, but its gradients, hence GM, scale
 with 1 / radius. Then the BatchNorm running statistics are recomputed on the train set, since those of
 either end do not fit the point between, and the metrics are taken: train ones in BN train mode (batch
-statistics, as metrics.csv), test ones in eval mode with the recomputed statistics.
+statistics, as metrics.csv), test ones in eval mode with the recomputed statistics. Train batches are the
+full batches of the epoch-0 permutation, as metrics.csv's; on CUDA everything runs in full float32 (no
+TF32) unless asked.
 """
 
 import json
-import math
 import os
 from typing import NamedTuple
 
 import torch
 
 from sphrun import SphrunError, __version__
-from sphrun.metrics import eval_metrics, train_metrics
+from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, build_model
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir, format_value, write_text
@@ -118,7 +119,7 @@ def barrier(alphas, values):
     return max([0.0] + [v - line(a) for a, v in zip(alphas[1:-1], values[1:-1])])
 
 
-def default_out(path_a, it_a, path_b, it_b, points, bn_batches, project):
+def default_out(path_a, it_a, path_b, it_b, points, bn_batches, project, allow_tf32=False):
     name = lambda path: os.path.basename(os.path.normpath(path))
     parts = [f"{name(path_a)}@{it_a}--{name(path_b)}@{it_b}"]
     if points != 21:
@@ -127,14 +128,16 @@ def default_out(path_a, it_a, path_b, it_b, points, bn_batches, project):
         parts.append(f"bn{bn_batches}")
     if not project:
         parts.append("noproj")
+    if allow_tf32:
+        parts.append("tf32")
     return os.path.join("connect", "-".join(parts))
 
 
 def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=None, project=None,
-            out=None, device="auto", data_dir=None, argv=()):
+            out=None, device="auto", data_dir=None, argv=(), allow_tf32=False):
     """Metrics along the segment from A to B; writes OUT/connect.csv, OUT/config.json and the figure.
     Returns the output directory. `project` None: rescale the points for runs on the sphere, not for runs
-    trained off it (there a rescaled point computes another function)."""
+    trained off it (there a rescaled point computes another function). `allow_tf32`: TF32 on CUDA."""
     from sphrun.lifecycle import restore
 
     if points < 2:
@@ -149,10 +152,10 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
         raise SphrunError(f"--project rescales points to the sphere, but {a.run} was trained off it "
                           f"(--no-sphere), where that changes the function; drop --project")
     project = a.config.sphere if project is None else project
-    out = out or default_out(path_a, a.iter, path_b, b.iter, points, bn_batches, project)
+    out = out or default_out(path_a, a.iter, path_b, b.iter, points, bn_batches, project, allow_tf32)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SphrunError(f"--out {out} is a file; choose a folder")
-    num_batches = math.ceil(a.stored["train_size"] / a.config.batch_size)  # as train_metrics splits
+    num_batches = a.stored["train_size"] // a.config.batch_size  # full batches, as train_metrics cuts them
     if bn_batches is not None and bn_batches > num_batches:
         raise SphrunError(f"--bn-batches {bn_batches} is more than the {num_batches} train batches of {a.run}")
     if (a.config.batch_size, a.config.data_seed) != (b.config.batch_size, b.config.data_seed):
@@ -165,13 +168,13 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     theta_b = [b.checkpoint["model"][names[id(p)]].to(p.device, p.dtype) for p in params]
     rho_a, rho_b = global_norm(theta_a).item(), global_norm(theta_b).item()
     permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
-    batches = permutation.split(config.batch_size)
+    batches = full_batches(permutation, config.batch_size)
     bn_batches_used = bn_batches or len(batches)
 
     alphas = [i / (points - 1) for i in range(points)]
     rows = []
     message(f"connecting {a.run} at step {a.iter} to {b.run} at step {b.iter}: {points} points")
-    with StepProgress(points, label="connect") as bar:
+    with StepProgress(points, label="connect") as bar, tf32(allow_tf32):
         for i, alpha in enumerate(alphas):
             move_to_(params, theta_a, theta_b, alpha, (1 - alpha) * rho_a + alpha * rho_b if project else None)
             recompute_bn_statistics(model, data.train_x, batches[:bn_batches_used])
@@ -186,7 +189,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     source = lambda end, rho: {"run": end.run.path, "iter": end.iter, "elr": end.checkpoint.get("elr"),
                                "radius": rho, "settings": end.stored["settings"]}
     record = {"command": "connect", "a": source(a, rho_a), "b": source(b, rho_b),
-              "points": points, "project": project, "bn_batches": bn_batches_used,
+              "points": points, "project": project, "bn_batches": bn_batches_used, "tf32": allow_tf32,
               "batch_size": config.batch_size, "data_source": data.source,
               "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
                           "test_err": barrier(alphas, [r["test_err"] for r in rows])},

@@ -1,7 +1,9 @@
 """Second-order measures of the train loss over the scale-invariant parameters (PAPER.md §2, §4.7).
 
-The loss measured is the train loss L = sum_b w_b L_b over mini-batches b of the fixed permutation that
-train metrics use (w_b = |b| / images measured), so every matrix is a weighted sum over batches:
+The loss measured is the train loss L = sum_b w_b L_b over the full mini-batches b of the fixed
+permutation that train metrics use (w_b = |b| / images measured, equal weights since batches are full;
+the n mod batch_size leftover images are dropped, as training drops them), so every matrix is a
+weighted sum over batches:
 
     hessian-trace  tr H,  H = d^2 L / d theta^2                 Hutchinson, Rademacher probes in theta space
     hessian-eig    the largest (algebraic) eigenvalue of H      Lanczos with full reorthogonalization
@@ -16,18 +18,20 @@ in train mode an image's logits depend on its whole batch, which J_b and Q_b tak
 Probes are drawn per batch: tr H = sum_b w_b tr H_b is estimated with fresh probes in every batch, so
 the batches' errors are independent and average out (with one probe shared by all batches they would
 add up, batch Hessians being alike), at the same cost.
+
+On CUDA the measures run in full float32 (TF32 off) unless asked: TF32's 10-bit mantissa is noise in
+Hessian-vector products and Lanczos.
 """
 
 import csv
 import json
-import math
 import os
 
 import numpy as np
 import torch
 
 from sphrun import SphrunError, __version__
-from sphrun.metrics import batch_loss, preserved_bn_state, train_metrics
+from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, train_metrics
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir, format_value, write_text
 
@@ -145,13 +149,13 @@ def lanczos_top_eigenvalue(matvec, start, steps):
 
 def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, lanczos=10, bn_mode="train",
             seed=0, it=0, advance=lambda: None):
-    """{measure: value} at the model's current weights over the batches order.split(batch_size).
+    """{measure: value} at the model's current weights over the full batches of `order` (full_batches).
 
     BatchNorm buffers and mode are left as found. gm is the mean mini-batch gradient norm in BN train
     mode, as in metrics.csv, whatever `bn_mode`.
     """
     device = params[0].device
-    batches = order.split(batch_size)
+    batches = full_batches(order, batch_size)
     probes_for = lambda name: rademacher(probe_generator(seed, it, name, device))
     values = {}
     with preserved_bn_state(model):
@@ -201,9 +205,9 @@ def parse_at(text):
 
 
 # The options each measure's value depends on: values of other options never mix in one column.
-DEPENDS_ON = {"gm": ("batches",), "fisher-trace": ("batches", "probes", "bn_mode", "seed"),
-              "hessian-trace": ("batches", "probes", "bn_mode", "seed"),
-              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed")}
+DEPENDS_ON = {"gm": ("batches", "tf32"), "fisher-trace": ("batches", "probes", "bn_mode", "seed", "tf32"),
+              "hessian-trace": ("batches", "probes", "bn_mode", "seed", "tf32"),
+              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed", "tf32")}
 
 
 class CurvatureFile:
@@ -291,8 +295,9 @@ def resolve_targets(run, at):
 
 
 def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batches=None, bn_mode="train",
-                  recompute=False, seed=0, device="auto", data_dir=None):
+                  recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False):
     """Measure a run's checkpoints and extend RUN/curvature.csv; returns {step: {measure: value}} measured.
+    `allow_tf32`: TF32 convolutions and matrix products on CUDA (default full float32).
 
     `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
     """
@@ -310,14 +315,15 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     stored, config = read_settings(run)
     if not isinstance(stored.get("train_size"), int):
         raise SphrunError(f"{run.config_path} has no train_size")
-    available = math.ceil(stored["train_size"] / config.batch_size)
+    available = stored["train_size"] // config.batch_size  # full batches, as train metrics
     if batches is not None and batches > available:
         raise SphrunError(f"--batches {batches} is more than the {available} train batches of {run}")
     num_batches = batches or available
     targets = resolve_targets(run, at)
     store = CurvatureFile(run)
     rows, stored_options = store.read()
-    options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed}
+    options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed,
+               "tf32": allow_tf32}
     column_options = reconcile(rows, stored_options, options, measures, recompute, store.csv_path)
     todo = [(which, it, [m for m in measures if recompute or m not in rows.get(it, {})]) for which, it in targets]
     todo = [t for t in todo if t[2]]
@@ -332,7 +338,7 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     measured = {}
     message(f"measuring {len(todo)} checkpoint(s) of {run} over {num_batches} batches of {config.batch_size}")
     done = 0
-    with StepProgress(units, label="curvature") as bar:
+    with StepProgress(units, label="curvature") as bar, tf32(allow_tf32):
         def advance():
             nonlocal done
             done += 1

@@ -1,8 +1,9 @@
 """Losses, errors, the mean mini-batch gradient norm GM and cosines between checkpoints.
 
 Train metrics use BatchNorm in train mode (batch statistics), test metrics eval mode (running
-statistics), as the paper. Measuring never changes the model: BatchNorm buffers are restored and
-gradients are taken with autograd.grad, so .grad is never touched.
+statistics), as the paper. Train metrics are over the full batches of a fixed permutation, the batch
+shape training uses. Measuring never changes the model: BatchNorm buffers are restored and gradients
+are taken with autograd.grad, so .grad is never touched.
 """
 
 import contextlib
@@ -40,31 +41,53 @@ def preserved_bn_state(model):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def tf32(allowed):
+    """CUDA convolutions and matrix products in TF32 (10-bit mantissa) or, allowed False, in full float32
+    for the duration; the previous flags are restored after. No effect on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def full_batches(order, batch_size):
+    """Consecutive batches of `order` as training cuts an epoch: full ones only. The len(order) mod
+    batch_size leftover images are dropped, as training drops them: a batch of a few images has
+    BatchNorm statistics, hence a loss and gradient, that training never sees."""
+    return order[:len(order) // batch_size * batch_size].split(batch_size)
+
+
 def errors(logits, targets):
     """Misclassified images in the batch: a 0-d count, or K counts for packed logits (B, K, C)."""
     return (logits.argmax(-1) != targets.view(-1, *[1] * (logits.dim() - 2))).sum(0)
 
 
 def train_metrics(model, params, x, y, loss, batch_size, order):
-    """(train loss, train error, GM) over the whole set in BN train mode, one backward per batch.
+    """(train loss, train error, GM) over the full batches of `order` in BN train mode, one backward
+    per batch.
 
-    Batches are consecutive slices of `order` (a fixed permutation, so batches mix classes);
-    GM is the mean over batches of ||grad_params L_b|| (PAPER.md §2). A packed model of K models (logits
-    (B, K, C), parameters packed along their first dimension) gives three lists of K values.
+    `order` is a fixed permutation (so batches mix classes), cut by full_batches; loss and error are
+    means over the images of those batches, GM the mean over them of ||grad_params L_b|| (PAPER.md §2).
+    A packed model of K models (logits (B, K, C), parameters packed along their first dimension) gives
+    three lists of K values.
     """
     total_loss = torch.zeros((), device=x.device)
     wrong = torch.zeros((), device=x.device)
     grad_norms = []
+    batches = full_batches(order, batch_size)
     with preserved_bn_state(model):
         model.train()
-        for idx in order.split(batch_size):
+        for idx in batches:
             logits = model(x[idx])
             value = batch_loss(logits, y[idx], loss)
             grads = torch.autograd.grad(value.sum(), params)  # packed models are independent: the sum separates
             grad_norms.append(global_norm(grads, members=logits.dim() == 3))
             total_loss = total_loss + value.detach() * len(idx)
             wrong = wrong + errors(logits, y[idx])
-    n = len(order)
+    n = len(batches) * batch_size
     return (total_loss / n).tolist(), (wrong / n).tolist(), torch.stack(grad_norms, dim=-1).mean(-1).tolist()
 
 

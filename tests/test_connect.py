@@ -69,7 +69,7 @@ def test_projection_changes_gm_alone(runs):
     """A fully SI net computes the same function at any radius; its gradients scale with 1 / radius.
     (Up to BatchNorm's eps, added to variances that scale with radius^2: hence 1e-4.)"""
     from sphrun.connect import move_to_, recompute_bn_statistics
-    from sphrun.metrics import eval_metrics, train_metrics
+    from sphrun.metrics import eval_metrics, full_batches, train_metrics
     from sphrun.sphere import global_norm
     from sphrun.lifecycle import restore
 
@@ -82,7 +82,7 @@ def test_projection_changes_gm_alone(runs):
     metrics = {}
     for target in (radius, None):
         move_to_(params, theta_a, theta_b, 0.5, target)
-        recompute_bn_statistics(model, data.train_x, permutation.split(config.batch_size))
+        recompute_bn_statistics(model, data.train_x, full_batches(permutation, config.batch_size))
         metrics[target] = (*train_metrics(model, params, data.train_x, data.train_y, config.loss,
                                           config.batch_size, permutation),
                            *eval_metrics(model, data.test_x, data.test_y, config.loss))

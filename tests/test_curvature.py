@@ -191,7 +191,7 @@ def test_command_writes_skips_and_guards_settings(run, cli):
     assert [(r["iter"], bool(r["gm"]), bool(r["hessian-eig"])) for r in rows] == [("0", False, True),
                                                                                   ("16", True, False)]
     options = json.load(open(os.path.join(run, "curvature.json")))["options"]
-    assert options["hessian-eig"]["lanczos"] == 3 and options["gm"] == {"batches": 8}
+    assert options["hessian-eig"]["lanczos"] == 3 and options["gm"] == {"batches": 8, "tf32": False}
 
 
 @pytest.mark.parametrize("args,expected", [

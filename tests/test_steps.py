@@ -100,7 +100,12 @@ def test_ascent_raises_and_sgd_lowers_the_batch_loss(tiny):
     for kind, sign in (("ascent", 1), ("sgd", -1)):
         model, params, x, y, loss, grads = gradients(config)
         rho = global_norm(params).item()
+        # written out: rho (theta + sign lr g) / ||theta + sign lr g||, lr = elr rho^2
+        moved = [p.detach().double() + sign * 1e-4 * rho ** 2 * g.double() for p, g in zip(params, grads)]
+        expected = torch._foreach_mul(moved, rho / global_norm(moved).item())
         step_on_sphere(params, step_direction(kind, grads, params), learning_rate(1e-4, rho), rho)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.double(), e, rtol=1e-5, atol=1e-7)
         with torch.no_grad():
             after = batch_loss(model(x), y, config.loss)  # BN in train mode, as the step saw it
         assert sign * (after.item() - loss.item()) > 0, kind

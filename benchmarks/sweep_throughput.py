@@ -2,9 +2,9 @@
 sphrun's packed loop (K models per step), side by side on the same data; then a whole sweep, end to end.
 
 A model-step is one SGD step of one model: a packed step of K models counts K. The reference style is
-benchmarks/train_throughput.py's (a per-item DataLoader, optimizer.step, .item() every step); the
-single loop is sphrun.train.run_steps and the packed one sphrun.packed.run_pass, both with no evaluation
-point in the timed window. Each loop runs in a fresh process, so its peak memory is its own: peak
+benchmarks/loops.py's (a per-item DataLoader, optimizer.step, .item() every step); single and packed
+are sphrun's one loop (sphrun.train.run_pass) on a pack of 1 and of K, with no evaluation point in the
+timed window. Each loop runs in a fresh process, so its peak memory is its own: peak
 allocated GPU memory on CUDA, peak resident memory of the process on the CPU (the reference loop's
 DataLoader workers not included).
 
@@ -34,39 +34,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import (reference_steps_per_second, sphrun_steps_per_second,  # noqa: E402
-                              synchronize, uint8_images)
+from loops import reference_steps_per_second, sphrun_model_steps_per_second, uint8_images  # noqa: E402
 
 from sphrun.config import TrainConfig  # noqa: E402
-from sphrun.data import BatchOrder, load_data  # noqa: E402
-from sphrun.packed import Member, pack_members, run_pass  # noqa: E402
+from sphrun.lifecycle import resolve_device  # noqa: E402
 from sphrun.rundir import RunDir  # noqa: E402
-from sphrun.train import resolve_device, run_record  # noqa: E402
 
 
-def packed_steps_per_second(config, device, k, steps, warmup):
-    """Model-steps/s of K models packed, ELRs from 1e-4 to 1e-2 (phases 1 and 2: none diverges)."""
-    elrs = [float(f"{e:.3g}") for e in np.geomspace(1e-4, 1e-2, k)]
-    data = load_data(config.dataset, config.data_dir, config.subset, device)
-    order = BatchOrder(len(data.train_y), config.batch_size, config.data_seed, device)
-    with tempfile.TemporaryDirectory() as folder:
-        members = [Member(dataclasses.replace(config, elr=e), RunDir(os.path.join(folder, str(i))))
-                   for i, e in enumerate(elrs)]
-        model, params, step, template = pack_members(members, data, order, device)
-        for m in members:
-            m.run.write_config(run_record(m.config, data, order, m.state.rho0, sys.argv))
-
-        def train_to(total):
-            for m in members:
-                m.status = "running"
-            run_pass(model, params, step, data, config, order, members, template, total, [])
-
-        train_to(warmup)  # on CUDA the step is captured here, after 3 eager steps
-        synchronize(device)
-        start = time.perf_counter()
-        train_to(warmup + steps)
-        synchronize(device)
-        return k * steps / (time.perf_counter() - start)
+def packed_configs(config, k):
+    """K copies of `config` at ELRs from 1e-4 to 1e-2 (phases 1 and 2: none diverges)."""
+    return [dataclasses.replace(config, elr=float(f"{e:.3g}")) for e in np.geomspace(1e-4, 1e-2, k)]
 
 
 def measure(queue, which, args):
@@ -85,9 +62,10 @@ def measure(queue, which, args):
         images, labels = uint8_images(args.data_dir)
         rate = reference_steps_per_second(config, device, images, labels, args.steps, args.warmup)
     elif which == "single":
-        rate = sphrun_steps_per_second(config, device, args.steps, args.warmup)
+        rate = sphrun_model_steps_per_second([config], device, args.steps, args.warmup)
     else:
-        rate = packed_steps_per_second(config, device, int(which.split()[1]), args.steps, args.warmup)
+        configs = packed_configs(config, int(which.split()[1]))
+        rate = sphrun_model_steps_per_second(configs, device, args.steps, args.warmup)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:

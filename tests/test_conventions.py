@@ -10,7 +10,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from conftest import TINY
 from sphrun.config import TrainConfig
@@ -265,18 +267,20 @@ def test_subset_shares_out_by_class_size():
 
 def test_bf16_runs_convolutions_in_bfloat16_and_keeps_the_sphere_in_float32(ce_step, tmp_path):
     config, fp32_run = ce_step
-    dtypes = set()
 
-    def record(module, inputs, output):
-        if isinstance(module, nn.Conv2d):
-            dtypes.add(output.dtype)
+    class ConvolutionDtypes(TorchFunctionMode):
+        """Every convolution's output dtype, whichever module or packed form calls it."""
+        dtypes = set()
 
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is F.conv2d:
+                self.dtypes.add(out.dtype)
+            return out
+
+    with ConvolutionDtypes():
         train(dataclasses.replace(config, precision="bf16"), str(tmp_path / "bf16"))
-    finally:
-        handle.remove()
-    assert dtypes == {torch.bfloat16}  # in the step and in every evaluation
+    assert ConvolutionDtypes.dtypes == {torch.bfloat16}  # in the step and in every evaluation
     model = restore(fp32_run, 0, CPU)[3]
     init, fp32, bf16 = (flat64(weights_at(run, step, model))
                         for run, step in ((fp32_run, 0), (fp32_run, 1), (str(tmp_path / "bf16"), 1)))

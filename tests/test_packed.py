@@ -15,10 +15,9 @@ from sphrun.finetune import finetune
 from sphrun.metrics import batch_loss
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.cli import parse_elrs, parse_shard, shard_of
-from sphrun.packed import PackedConvNet, Step
+from sphrun.packed import PackedConvNet
 from sphrun.train import train_sweep
 from sphrun.rundir import METRICS_COLUMNS, RunDir
-from sphrun.sphere import global_norm, learning_rate
 from sphrun.train import Interrupted, train
 
 # 64 synthetic images, width 2, 4 steps per epoch: 50 steps in phase 1 take a second or two per model
@@ -170,25 +169,6 @@ def test_grouped_form_computes_the_same_models():
         state = model.member_state_dict(k)  # running statistics updated per model
         for name, value in single.state_dict().items():
             assert torch.allclose(state[name].float(), value.float(), rtol=1e-5, atol=1e-6), name
-
-
-def test_bf16_keeps_weights_norms_and_statistics_float32():
-    config = TrainConfig(**{**SMALL, "elr": 1e-3, "precision": "bf16"})
-    data = synthetic_data(train_size=64, test_size=10)
-    model, _ = packed_and_single(grouped=False)
-    params = list(model.weights)
-    rho = global_norm(params, members=True)
-    step = Step(model, data, [config] * 3, rho)
-    step.lr.copy_(learning_rate(1e-3, rho))
-    step.idx.copy_(torch.arange(16))
-    step()
-    assert all(p.dtype == torch.float32 for p in params)
-    assert all(b.dtype == torch.float32 for bn in model.norms for b in (bn.running_mean, bn.running_var))
-    assert torch.allclose(global_norm(params, members=True), rho, rtol=1e-6)
-    assert step.alive.all() and torch.isfinite(step.loss).all()
-    model_fp32, _ = packed_and_single(grouped=False)
-    fp32 = batch_loss(model_fp32(data.train_x[:16]), data.train_y[:16], "ce")
-    assert torch.allclose(step.loss, fp32, rtol=0.05)  # the same losses, to bfloat16's precision
 
 
 def test_bf16_is_a_setting_of_single_runs_too(tmp_path):

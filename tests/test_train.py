@@ -44,17 +44,6 @@ def test_same_seeds_give_identical_metrics(tmp_path, tiny):
     assert sorted(RunDir(tmp_path / "a").checkpoint_iters()) == [0, 8, 16, 24]
 
 
-def test_metrics_are_sane(tmp_path, tiny):
-    train(tiny(iters=40), tmp_path)
-    rows = RunDir(tmp_path).read_metrics()
-    rho0 = json.load(open(tmp_path / "config.json"))["rho0"]
-    assert all(abs(r["si_norm"] / rho0 - 1) < 1e-5 for r in rows)
-    assert rows[0]["cos_init"] == pytest.approx(1) and rows[0]["cos_prev"] == pytest.approx(1)
-    assert rows[-1]["cos_init"] < 1 and rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert all(0 <= r[k] <= 1 for r in rows for k in ("train_err", "test_err"))
-    assert all(0 <= r["proj_err"] < 0.02 for r in rows)  # phase 1: projected SGD is nearly exact
-
-
 def test_evaluation_does_not_change_training(tmp_path, tiny):
     train(tiny(eval_every=3), tmp_path / "dense")
     train(tiny(eval_every=24), tmp_path / "sparse")

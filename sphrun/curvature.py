@@ -48,18 +48,19 @@ def unflat(vector, like):
 
 
 def rademacher(generator):
-    """A probe source: probe(k, like) is a vector of independent +-1 shaped, typed and placed like `like`."""
+    """A probe source: probe(k, like) is a vector of independent +-1 shaped, typed and placed like `like`,
+    drawn on the CPU so that every device measures with the same probes."""
     def probe(k, like):
-        signs = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
-        return (2 * signs - 1).to(like.dtype)
+        signs = torch.randint(0, 2, like.shape, generator=generator)
+        return (2 * signs - 1).to(like.device, like.dtype)
     return probe
 
 
-def probe_generator(seed, it, measure, device):
-    """A generator seeded by (seed, step, measure): a checkpoint's value does not depend on which other
-    checkpoints or measures were computed in the same invocation."""
+def probe_generator(seed, it, measure):
+    """A CPU generator seeded by (seed, step, measure): a checkpoint's value does not depend on which
+    other checkpoints or measures were computed in the same invocation, nor on the device."""
     state = np.random.SeedSequence([seed, it, MEASURES.index(measure)]).generate_state(1)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
+    return torch.Generator().manual_seed(int(state))
 
 
 def batch_weights(batches):
@@ -154,9 +155,8 @@ def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, la
     BatchNorm buffers and mode are left as found. gm is the mean mini-batch gradient norm in BN train
     mode, as in metrics.csv, whatever `bn_mode`.
     """
-    device = params[0].device
     batches = full_batches(order, batch_size)
-    probes_for = lambda name: rademacher(probe_generator(seed, it, name, device))
+    probes_for = lambda name: rademacher(probe_generator(seed, it, name))
     values = {}
     with preserved_bn_state(model):
         if "gm" in measures:

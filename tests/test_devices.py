@@ -113,3 +113,18 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, monkeypatch):
         for ra, rb in zip(rows_a, rows_b):
             assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-3)
     assert [r["iter"] for r in single.read_metrics()] == [0, 4, 8]
+
+
+def test_curvature_runs_on_another_device(tmp_path, tiny, monkeypatch):
+    """(connect is left out: BatchNorm's cumulative average, which it recomputes with, reads a count
+    from the device, which the meta device cannot give.)"""
+    import sphrun.lifecycle as lifecycle
+    from sphrun.curvature import run_curvature
+
+    run, _ = train(tiny(iters=4, eval_every=4), tmp_path / "a")  # on the CPU: real checkpoints to read
+    monkeypatch.setattr(lifecycle, "resolve_device", lambda name: torch.device("meta"))
+    for name, real in (("tolist", REAL_TOLIST), ("item", REAL_ITEM)):
+        monkeypatch.setattr(torch.Tensor, name, lambda t, real=real: real(torch.ones(t.shape, dtype=t.dtype))
+                            if t.is_meta else real(t))
+    run_curvature(run.path, "last", "gm,fisher-trace,hessian-trace,hessian-eig", probes=1, lanczos=2, batches=2)
+    assert open(tmp_path / "a" / "curvature.csv").read().splitlines()[0].startswith("iter,gm")

@@ -1,5 +1,6 @@
 """The sphrun command line: each command parses, validates and calls the modules that do the work."""
 
+import dataclasses
 import math
 import sys
 from typing import Optional
@@ -91,12 +92,41 @@ def parse_shard(text):
     return index, count
 
 
-def shard_of(elrs, index, count):
-    """Every count-th ELR of the grid starting at `index`: N shards cover the grid exactly once."""
-    mine = elrs[index::count]
+def shard_of(runs, index, count):
+    """Every count-th run of the grid starting at `index`: N shards cover the grid exactly once, each
+    with the same number of runs give or take one, and each a spread of ELRs (which take alike long)."""
+    mine = runs[index::count]
     if not mine:
-        raise SphrunError(f"--shard {index}/{count} of {len(elrs)} ELRs is empty: use at most {len(elrs)} shards")
+        raise SphrunError(f"--shard {index}/{count} of {len(runs)} runs is empty: use at most {len(runs)} shards")
     return mine
+
+
+def parse_seeds(text, option="--seed"):
+    """--seed, --data-seed: one seed (0), a list (0,1,2) or a range start:stop (0:5 is 0, 1, 2, 3, 4)."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop = (int(p) for p in text.split(":"))
+            seeds = list(range(start, stop))
+        else:
+            seeds = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise SphrunError(f"{option} must be a whole number like 0, a list like 0,1,2 or a range like 0:5 "
+                          f"(seeds 0 to 4), got {text!r}")
+    if not seeds:
+        raise SphrunError(f"{option} {text} is an empty range: start:stop runs from start to stop - 1, so "
+                          f"stop must be above start")
+    if min(seeds) < 0:
+        raise SphrunError(f"{option} must be 0 or more, got {min(seeds)}")
+    if len(set(seeds)) < len(seeds):
+        raise SphrunError(f"{option} {text} repeats a seed: give distinct seeds")
+    return seeds
+
+
+def run_grid(config, elrs, seeds, data_seeds):
+    """Every combination of the ELRs, init seeds and data seeds, ELR-major: the runs of one command."""
+    return [dataclasses.replace(config, elr=elr, seed=seed, data_seed=data_seed)
+            for elr in elrs for seed in seeds for data_seed in data_seeds]
 
 
 def training_rates(sphere, elr, lr, wd, momentum):
@@ -159,10 +189,14 @@ def train(
     init_scale: Optional[float] = typer.Option(None, help="Frobenius norm of the frozen last layer. "
                                                           "(default: 10 for ce, 1.5 for mse; with --no-sphere "
                                                           "the last layer trains and keeps torch's init)"),
-    seed: int = typer.Option(0, help="Seed of the trainable (conv) weights' init."),
+    seed: str = typer.Option("0", help="Seed of the trainable (conv) weights' init: one (0), a list (0,1,2) or a "
+                                       "range start:stop (0:5 is seeds 0 to 4). Several seeds train with the "
+                                       "ELRs as one pack, every ELR with every seed."),
     head_seed: int = typer.Option(0, help="Seed of the frozen last layer; keep it shared so runs "
                                           "live in one function space."),
-    data_seed: int = typer.Option(0, help="Seed of the batch order, shared by every ELR of a sweep."),
+    data_seed: str = typer.Option("0", help="Seed of the batch order, shared by every ELR of a sweep; a list "
+                                            "or range as --seed gives every run each of them (runs of one "
+                                            "data seed train together)."),
     batch_size: int = typer.Option(128, help="Mini-batch size (images per SGD step)."),
     epochs: Optional[int] = typer.Option(None, help="Length in epochs (passes over the train set). "
                                                     "(default: 1000, the authors' setting)"),
@@ -207,25 +241,24 @@ def train(
     if epochs is not None and iters is not None:
         raise SphrunError("give --epochs or --iters, not both")
     rates = training_rates(sphere, elr, lr, wd, momentum)
-    several = len(rates) > 1
-    if shard is not None:
-        rates = shard_of(rates, *parse_shard(shard))
+    seeds, data_seeds = parse_seeds(seed), parse_seeds(data_seed, "--data-seed")
     if pack is not None and pack < 1:
         raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
     config = TrainConfig(
         elr=rates[0], model=model, sphere=sphere, wd=wd or 0.0, momentum=momentum or 0.0, loss=loss, dataset=dataset,
         data_dir=data_dir or os.environ.get("SPHRUN_DATA") or "./data", subset=parse_subset(subset),
-        width=width, init_scale=init_scale, seed=seed, head_seed=head_seed, data_seed=data_seed,
+        width=width, init_scale=init_scale, seed=seeds[0], head_seed=head_seed, data_seed=data_seeds[0],
         batch_size=batch_size, epochs=None if iters is not None else (epochs or 1000), iters=iters,
         eval_every=eval_every, keep=keep, step=step, geodesic=geodesic, precision=precision, device=device)
+    configs = run_grid(config, rates, seeds, data_seeds)
+    several = len(configs) > 1
+    if shard is not None:
+        configs = shard_of(configs, *parse_shard(shard))
     if several:
-        import dataclasses
-
-        configs = [dataclasses.replace(config, elr=rate) for rate in rates]
         for run, status in training.train_sweep(configs, out, pack, argv=sys.argv):
             message(f"{run}: {status}")
         return
-    run, status = training.train(config, out, argv=sys.argv)
+    run, status = training.train(configs[0], out, argv=sys.argv)
     message(f"{run}: {status}")
 
 

@@ -81,8 +81,9 @@ def train(config, out=None, argv=(), start=None):
 
 
 def train_sweep(configs, parent=None, pack=None, argv=()):
-    """Train the runs of `configs` (alike but for their ELR) packed, each in `parent`/<its default run
-    name> (default: where single runs go), `pack` models per pass (default: all); [(run, status)]."""
+    """Train the runs of `configs` (alike but for their ELR, seed and data seed) packed, each in
+    `parent`/<its default run name> (default: where single runs go), `pack` models per pass (default:
+    all of one data seed); [(run, status)]."""
     check_packable(configs[0])
     return train_runs(configs, run_paths(configs, parent), pack, argv)
 
@@ -90,8 +91,8 @@ def train_sweep(configs, parent=None, pack=None, argv=()):
 def check_packable(config):
     if config.model != "convnet" or not config.sphere:
         what = f"--model {config.model}" + ("" if config.sphere else " --no-sphere")
-        raise SphrunError(f"several ELRs train as one packed ConvNet on the sphere; with {what} train one "
-                          f"ELR per command (a shell loop over --elr)")
+        raise SphrunError(f"several ELRs or seeds train as one packed ConvNet on the sphere; with {what} "
+                          f"train one run per command (a shell loop over --elr or --seed)")
     if config.origin != 0:
         raise SphrunError("a packed sweep starts from the init: fine-tune one ELR at a time")
 
@@ -100,14 +101,15 @@ def run_paths(configs, parent):
     """Each run's directory: its default name, under `parent` (default: where single runs go)."""
     paths = [os.path.join(parent, c.default_run_name()) if parent else default_run_path(c) for c in configs]
     if len(set(paths)) < len(paths):
-        raise SphrunError("two ELRs of the sweep round to the same run name: give ELRs that differ in "
-                          "their first 3 significant digits")
+        raise SphrunError("two runs of the sweep have the same run name: give ELRs that differ in their "
+                          "first 3 significant digits")
     return paths
 
 
 def train_runs(configs, paths, pack=None, argv=(), start=None):
-    """Start, resume or extend the run of each config in its path, at most `pack` per pass. Every
-    directory is checked before data is loaded or anything is written. Returns [(run, status)]."""
+    """Start, resume or extend the run of each config in its path, at most `pack` per pass (a pass
+    trains runs of one data seed, which see the same batches). Every directory is checked before data
+    is loaded or anything is written. Returns [(run, status)]."""
     if pack is not None and pack < 1:
         raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
     first = configs[0]
@@ -116,8 +118,8 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
         if RunDir(path).exists():
             check_same_run(RunDir(path), config)
     data, identity = load_run_data(first, device)
-    order = BatchOrder(len(data.train_y), first.batch_size, first.data_seed, device)
-    total = total_steps(first, order.steps_per_epoch)
+    orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
+    total = total_steps(first, orders[first.data_seed].steps_per_epoch)
     members = [open_member(c, p, total, start) for c, p in zip(configs, paths)]
     for m in members:
         if m.stored:
@@ -127,6 +129,7 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
                     f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
     groups = passes([m for m in members if m.status == "running"], pack or len(members))
     for number, group in enumerate(groups, 1):
+        order = orders[group[0].config.data_seed]
         message(announcement(group, total, order, device) +
                 (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
         train_pass(group, data, identity, order, device, total, argv)
@@ -134,10 +137,12 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
 
 
 def passes(members, pack):
-    """Groups of at most `pack` members that start at the same step (a pass trains them in lockstep)."""
+    """Groups of at most `pack` members that start at the same step and share their batches (one data
+    seed): a pass trains them in lockstep."""
     groups = []
-    for m in sorted(members, key=lambda m: m.begins_at):
-        if groups and groups[-1][0].begins_at == m.begins_at and len(groups[-1]) < pack:
+    together = lambda m: (m.begins_at, m.config.data_seed)
+    for m in sorted(members, key=together):
+        if groups and together(groups[-1][0]) == together(m) and len(groups[-1]) < pack:
             groups[-1].append(m)
         else:
             groups.append([m])
@@ -154,10 +159,20 @@ def announcement(group, total, order, device):
                 if first.start else "training")
         return f"{what} {first.run}: {total - first.config.origin} steps {length}"
     what = "training" if first.begins_at == 0 else "resuming"
-    elrs = ", ".join(f"{m.config.elr:.3g}" for m in group)
     where = os.path.dirname(str(first.run)) or "."
-    return (f"{what} {len(group)} ELRs packed ({elrs}) from step {first.begins_at} to {total} {length}, "
-            f"runs in {where}/")
+    return (f"{what} {len(group)} runs packed ({describe(group)}) from step {first.begins_at} to {total} "
+            f"{length}, runs in {where}/")
+
+
+def describe(group):
+    """What the members of a pass differ in: 'ELRs 0.001, 0.01; seeds 0, 1; data seed 0'."""
+    parts = []
+    for label, values in (("ELR", [m.config.elr for m in group]), ("seed", [m.config.seed for m in group]),
+                          ("data seed", [m.config.data_seed for m in group])):
+        distinct = sorted(set(values))
+        shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in distinct)
+        parts.append(f"{label}{'s' * (len(distinct) > 1)} {shown}")
+    return "; ".join(parts)
 
 
 # --- a pass ---------------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
     it = members[0].state.iter
     pending = [s for s in eval_steps if s > it]
     elrs = None
-    label = f"{len(members)} ELRs" if len(members) > 1 else "train"
+    label = f"{len(members)} runs" if len(members) > 1 else "train"
     with StopRequest() as stop, StepProgress(total, start=it, label=label) as bar:
         tick, since = time.perf_counter(), 0
         while it < total and any(m.status == "running" for m in members):
@@ -257,8 +272,11 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
                 catch_up(members, step, it, since, tick)
                 since = 0
                 running = [k for k, m in enumerate(members) if m.status == "running"]
-                for row in record(pack, step, data, order, members, running, keep=keep[it]):
-                    bar.log((f"elr {row['elr']:<9.3g} " if len(members) > 1 else "") + format_row(row))
+                seeds_vary = len({m.config.seed for m in members}) > 1
+                for m, row in record(pack, step, data, order, members, running, keep=keep[it]):
+                    label = "" if len(members) == 1 else f"elr {row['elr']:<9.3g} " + (
+                        f"seed {m.config.seed:<3d} " if seeds_vary else "")
+                    bar.log(label + format_row(row))
                 freeze_diverged(step, members)
                 tick = time.perf_counter()
             if stop.requested:
@@ -336,7 +354,7 @@ def save(member, pack, step, k, at_eval_point):
 def record(pack, step, data, order, members, which, keep):
     """Evaluate every model of the pack in one pass over the data; for the members `which` (indices),
     write the metrics row and checkpoint, or mark the member diverged when its row is not finite.
-    Returns the rows written.
+    Returns the (member, row) pairs written.
 
     GM and the cosines are over the trainable tensors; si_norm over the scale-invariant ones (off the
     sphere some of the trainable ones, found from the structure). Train metrics in BN train mode, test
@@ -360,7 +378,7 @@ def record(pack, step, data, order, members, which, keep):
             continue
         m.run.append_metrics(row)
         save(m, pack, step, k, at_eval_point=keep)
-        rows.append(row)
+        rows.append((m, row))
     return rows
 
 

@@ -1,5 +1,5 @@
 """Model-steps per second of a whole ELR sweep: the reference-style loop, sphrun's single-run loop and
-sphrun's packed loop (K models per step), side by side on the same data; then a whole sweep, end to end.
+sphrun's packed loop (K models per step: ELRs, or ELRs x seeds), side by side on the same data; then a whole sweep, end to end.
 
 A model-step is one SGD step of one model: a packed step of K models counts K. The reference style is
 benchmarks/loops.py's (a per-item DataLoader, optimizer.step, .item() every step); single and packed
@@ -17,7 +17,8 @@ start-up, data loading, training, every evaluation point (all models in one pass
         --sweep-width 4 --threads 1
 
 DIR is an ImageFolder tree such as the 10 % CIFAR-10 subset; without it the synthetic set is used.
-Targets on one H100/H200: single >= 6x the reference style, packed K = 16 >= 10x (bf16 rows on CUDA).
+Targets on one H100/H200: single >= 6x the reference style, packed K = 16 >= 12.5x in fp32 and >= 20x
+in bf16. On the CPU: a pack of 4 ELRs x 4 seeds costs no more per model-step than single runs.
 """
 
 import argparse
@@ -41,9 +42,11 @@ from sphrun.lifecycle import resolve_device  # noqa: E402
 from sphrun.rundir import RunDir  # noqa: E402
 
 
-def packed_configs(config, k):
-    """K copies of `config` at ELRs from 1e-4 to 1e-2 (phases 1 and 2: none diverges)."""
-    return [dataclasses.replace(config, elr=float(f"{e:.3g}")) for e in np.geomspace(1e-4, 1e-2, k)]
+def packed_configs(config, k, seeds=1):
+    """K copies of `config`: K / seeds ELRs from 1e-4 to 1e-2 (phases 1 and 2: none diverges), each with
+    init seeds 0 .. seeds - 1."""
+    elrs = [float(f"{e:.3g}") for e in np.geomspace(1e-4, 1e-2, k // seeds)]
+    return [dataclasses.replace(config, elr=e, seed=s) for e in elrs for s in range(seeds)]
 
 
 def measure(queue, which, args):
@@ -64,7 +67,8 @@ def measure(queue, which, args):
     elif which == "single":
         rate = sphrun_model_steps_per_second([config], device, args.steps, args.warmup)
     else:
-        configs = packed_configs(config, int(which.split()[1]))
+        seeds = int(which.split("x")[1].split()[0]) if " x " in which else 1  # "packed 16 = 4 ELRs x 4 seeds"
+        configs = packed_configs(config, int(which.split()[1]), seeds)
         rate = sphrun_model_steps_per_second(configs, device, args.steps, args.warmup)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -110,6 +114,8 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="timed steps of each loop")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (the CUDA graph capture too)")
     parser.add_argument("--packs", default="4,16", help="the K values of the packed loop")
+    parser.add_argument("--seeds", type=int, default=4, help="also a pack of the last K as K/S ELRs x S seeds "
+                                                           "(0: skip it)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also the packed loop in bf16 (default: on CUDA)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the loops; the best of each counts")
@@ -127,6 +133,7 @@ def main():
     packs = [int(k) for k in args.packs.split(",")]
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     loops = ["reference", "single"] + [f"packed {k}" for k in packs] + (
+        [f"packed {packs[-1]} = {packs[-1] // args.seeds} ELRs x {args.seeds} seeds"] if args.seeds else []) + (
         [f"packed {packs[-1]} bf16"] if bf16 else [])
     memory = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS of the process"
     threads = args.threads or torch.get_num_threads()
@@ -141,7 +148,7 @@ def main():
             best_rate, most_memory = results.get(which, (0, 0))
             results[which] = max(rate, best_rate), max(peak, most_memory)
     for which, (rate, peak) in results.items():
-        print(f"{which + ' loop':<22} {rate:9.2f} model-steps/s  {rate / results['reference'][0]:6.2f}x reference"
+        print(f"{which + ' loop':<40} {rate:9.2f} model-steps/s  {rate / results['reference'][0]:6.2f}x reference"
               f"  {rate / results['single'][0]:5.2f}x single  {memory} {peak:8.0f} MiB")
     if not args.sweep_elrs:
         return

@@ -20,7 +20,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from sphrun.data import NORMALIZATION, BatchOrder, read_image_folder, synthetic_data
-from sphrun.lifecycle import Member, load_run_data, run_record
+from sphrun.lifecycle import Member, load_run_data
 from sphrun.metrics import batch_loss
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.rundir import RunDir
@@ -94,7 +94,7 @@ def sphrun_model_steps_per_second(configs, device, steps, warmup):
         members = [Member(c, RunDir(os.path.join(folder, str(i)))) for i, c in enumerate(configs)]
         pack, step = pack_members(members, data, device)
         for m in members:
-            m.run.write_config(run_record(m.config, data, identity, order, m.state.rho0, sys.argv))
+            m.run.write_config(m.record(data, identity, order, sys.argv))
 
         def train_to(total):
             for m in members:

@@ -248,6 +248,20 @@ class Member:
     def begins_at(self):
         return int(self.checkpoint["iter"]) if self.checkpoint else self.config.origin
 
+    def load_state(self, model, params):
+        """Load `model` (the member's, freshly built) where the member begins, and set its RunState."""
+        if self.checkpoint:
+            self.state = RunState.from_checkpoint(self.checkpoint, model, params, self.run.checkpoint_path("last"))
+        elif self.start:
+            self.state = RunState.from_checkpoint(self.start.checkpoint, model, params, self.start.path)
+        else:
+            self.state = fresh_state(params)
+
+    def record(self, data, identity, order, argv):
+        """config.json's content for this member as a new run."""
+        parent = self.start.parent if self.start else None
+        return run_record(self.config, data, identity, order, self.state.rho0, argv, parent)
+
 
 def open_member(config, path, total, start=None):
     """The run of `config` in `path`: new, to resume or extend, or with nothing left to do.
@@ -264,3 +278,37 @@ def open_member(config, path, total, start=None):
         else:
             message(f"{run} stopped before its first checkpoint: starting it again from its beginning")
     return member
+
+
+@dataclass
+class Runs:
+    """The runs of one command, opened: members, their data (on the device) and its identity, a batch
+    order per data seed, the step they all train to, and the device."""
+    members: list
+    data: object
+    identity: dict
+    orders: dict
+    total: int
+    device: torch.device
+
+
+def open_runs(configs, paths, start=None):
+    """Open the runs of `configs` (alike but for ELR and seeds) in `paths`: every directory is checked
+    against its settings before the data is loaded, and against the data after, before anything is
+    written. `start`: a new fine-tune's parent checkpoint."""
+    first = configs[0]
+    device = resolve_device(first.device)
+    for config, path in zip(configs, paths):
+        if RunDir(path).exists():
+            check_same_run(RunDir(path), config)
+    data, identity = load_run_data(first, device)
+    orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
+    total = total_steps(first, orders[first.data_seed].steps_per_epoch)
+    members = [open_member(c, p, total, start) for c, p in zip(configs, paths)]
+    for m in members:
+        if m.stored:
+            check_same_data(m.run, m.stored, identity)
+        elif m.start and data_difference(identity, m.start.data):
+            message(f"note: {m.start.parent['run']} was trained on other data "
+                    f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
+    return Runs(members, data, identity, orders, total, device)

@@ -20,14 +20,10 @@ import time
 import torch
 
 from sphrun import SphrunError
-from sphrun.data import BatchOrder
-from sphrun.lifecycle import (RunState, check_same_data, check_same_run, data_difference, default_run_path,
-                              fresh_state, load_run_data, open_member, prepare, resolve_device, run_record,
-                              total_steps)
+from sphrun.lifecycle import default_run_path, open_runs, prepare
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
-from sphrun.rundir import RunDir
 from sphrun.sphere import global_norm, learning_rate
 
 
@@ -112,28 +108,14 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
     is loaded or anything is written. Returns [(run, status)]."""
     if pack is not None and pack < 1:
         raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
-    first = configs[0]
-    device = resolve_device(first.device)
-    for config, path in zip(configs, paths):
-        if RunDir(path).exists():
-            check_same_run(RunDir(path), config)
-    data, identity = load_run_data(first, device)
-    orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
-    total = total_steps(first, orders[first.data_seed].steps_per_epoch)
-    members = [open_member(c, p, total, start) for c, p in zip(configs, paths)]
-    for m in members:
-        if m.stored:
-            check_same_data(m.run, m.stored, identity)
-        elif m.start and data_difference(identity, m.start.data):
-            message(f"note: {m.start.parent['run']} was trained on other data "
-                    f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
-    groups = passes([m for m in members if m.status == "running"], pack or len(members))
+    runs = open_runs(configs, paths, start)
+    groups = passes([m for m in runs.members if m.status == "running"], pack or len(runs.members))
     for number, group in enumerate(groups, 1):
-        order = orders[group[0].config.data_seed]
-        message(announcement(group, total, order, device) +
+        order = runs.orders[group[0].config.data_seed]
+        message(announcement(group, runs.total, order, runs.device) +
                 (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
-        train_pass(group, data, identity, order, device, total, argv)
-    return [(m.run, m.status) for m in members]
+        train_pass(group, runs.data, runs.identity, order, runs.device, runs.total, argv)
+    return [(m.run, m.status) for m in runs.members]
 
 
 def passes(members, pack):
@@ -182,12 +164,7 @@ def pack_members(members, data, device):
     models = []
     for m in members:
         _, model, params, _ = prepare(m.config, device, data)
-        if m.checkpoint:
-            m.state = RunState.from_checkpoint(m.checkpoint, model, params, m.run.checkpoint_path("last"))
-        elif m.start:
-            m.state = RunState.from_checkpoint(m.start.checkpoint, model, params, m.start.path)
-        else:
-            m.state = fresh_state(params)
+        m.load_state(model, params)
         models.append(model)
     config = members[0].config
     pack = pack_models(models, config.sphere, device)
@@ -212,8 +189,7 @@ def train_pass(members, data, identity, order, device, total, argv):
                 m.run.truncate_metrics(m.state.iter)
                 m.run.set_status("running")
             else:  # config.json first: from now on the directory is this run's, resumed or restarted
-                parent = m.start.parent if m.start else None
-                m.run.write_config(run_record(m.config, data, identity, order, m.state.rho0, argv, parent))
+                m.run.write_config(m.record(data, identity, order, argv))
                 m.run.discard_metrics()
         first_rows(pack, step, data, order, members)
         run_pass(pack, step, data, order, members, total, eval_steps, keep)

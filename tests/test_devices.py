@@ -5,7 +5,7 @@ on CUDA. Plus --device checks, the announced capture failure, and a CUDA test wh
 import pytest
 import torch
 
-import sphrun.train as training
+import sphrun.lifecycle as lifecycle
 from sphrun.config import TrainConfig
 from sphrun.rundir import RunDir
 from sphrun.train import train, train_sweep
@@ -20,7 +20,7 @@ REAL_TOLIST, REAL_ITEM = torch.Tensor.tolist, torch.Tensor.item
 def on_meta(monkeypatch):
     """Train on the meta device: shapes and devices are checked, values are not computed. Reads of the
     device (the loop's few host syncs) give ones: finite losses, norms, live models."""
-    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(lifecycle, "resolve_device", lambda name: torch.device("meta"))
 
     def as_ones(real):
         return lambda t: real(torch.ones(t.shape, dtype=t.dtype)) if t.is_meta else real(t)
@@ -118,7 +118,6 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, monkeypatch):
 def test_curvature_runs_on_another_device(tmp_path, tiny, monkeypatch):
     """(connect is left out: BatchNorm's cumulative average, which it recomputes with, reads a count
     from the device, which the meta device cannot give.)"""
-    import sphrun.lifecycle as lifecycle
     from sphrun.curvature import run_curvature
 
     run, _ = train(tiny(iters=4, eval_every=4), tmp_path / "a")  # on the CPU: real checkpoints to read

@@ -298,6 +298,8 @@ def open_runs(configs, paths, start=None):
     written. `start`: a new fine-tune's parent checkpoint."""
     first = configs[0]
     device = resolve_device(first.device)
+    if device.type == "cuda":  # streams and CUDA graphs work on the current device: make it this one
+        torch.cuda.set_device(device)
     for config, path in zip(configs, paths):
         if RunDir(path).exists():
             check_same_run(RunDir(path), config)

@@ -17,10 +17,17 @@ It is *clear* when it changes the value by more than about 10 % and stands out o
 so neither one noisy point nor the fluctuations of an equilibrium make a trend.
 """
 
+import csv
+import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from sphrun import SphrunError
+from sphrun.progress import message
+from sphrun.rundir import write_text
 
 PHASES = ("1", "2", "3")
 UNDECIDED = "undecided"
@@ -119,3 +126,75 @@ def in_paper_order(elrs, phases):
     contiguous block (a phase may be absent)."""
     decided = [p for _, p in sorted(zip(elrs, phases)) if p != UNDECIDED]
     return decided == sorted(decided)
+
+
+# --- the phase table: one row per run, printed and written beside the metrics figure -------------------
+TABLE_NEEDS = ("train_loss", "train_err", "test_err", "gm", "cos_prev")
+
+
+def phase_table(runs):
+    """One row per run (objects with path, elr, loss, num_classes and rows by step): its ELR, final
+    metrics, phase and the evidence for it."""
+    table = []
+    for run in runs:
+        missing = [c for c in TABLE_NEEDS if c not in run.rows[0]]
+        if missing:
+            raise SphrunError(f"{os.path.join(run.path, 'metrics.csv')} has no column {', '.join(missing)} "
+                              f"(it has {', '.join(sorted(run.rows[0]))})")
+        verdict = classify(run.rows, run.num_classes)
+        last = max(run.rows, key=lambda r: r["iter"])
+        table.append({"run": run.path, "elr": run.elr, "loss": run.loss, "steps": last["iter"],
+                      "train_loss": last["train_loss"], "train_err": last["train_err"],
+                      "test_err": last["test_err"], "gm": last["gm"], "phase": verdict.phase,
+                      "evidence": verdict.evidence})
+    return table
+
+
+def table_path_for(figure_path):
+    """The phase table beside the figure: fig.png -> fig-phases.csv (never a run's own metrics.csv)."""
+    return os.path.splitext(figure_path)[0] + "-phases.csv"
+
+
+def write_table(table, path):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    write_text(path, buffer.getvalue())
+
+
+def print_table(table, groups):
+    """The table on stdout, one block per line against the ELR (groups: (label or None, run paths)),
+    each with its borders between phases and a note when they are out of the paper's order."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: one line per run, however long
+        console = Console(width=250)
+    by_run = {row["run"]: row for row in table}
+    for label, paths in groups:
+        rows = sorted((by_run[p] for p in paths), key=lambda row: row["elr"])
+        shown = Table(title=label, show_edge=False, pad_edge=False)
+        for heading in ("ELR", "train loss", "train err", "test err", "GM", "phase", "evidence"):
+            shown.add_column(heading, justify="left" if heading == "evidence" else "right", overflow="fold")
+        for row in rows:
+            shown.add_row(f"{row['elr']:.3g}", f"{row['train_loss']:.4g}", f"{row['train_err']:.3f}",
+                          f"{row['test_err']:.3f}", f"{row['gm']:.4g}", row["phase"], row["evidence"])
+        console.print(shown)
+        elrs, phases = [row["elr"] for row in rows], [row["phase"] for row in rows]
+        found = borders(elrs, phases)
+        if found:
+            console.print("borders: " + "; ".join(f"{a}|{b} between ELR {lo:.3g} and {hi:.3g}"
+                                                  for lo, hi, a, b in found))
+        if not in_paper_order(elrs, phases):
+            console.print("note: these phases are not in the paper's order (1, then 2, then 3 as ELR "
+                          "grows, each one contiguous block)")
+
+
+def report_phases(table, groups, csv_path):
+    """Print the table and write it as CSV (what `sphrun plot --kind metrics` does after its figure)."""
+    print_table(table, groups)
+    write_table(table, csv_path)
+    message(f"wrote {csv_path}")

@@ -1,20 +1,23 @@
 """Which of the paper's three training regimes a run is in, read from its metrics.csv rows alone.
 
 The signatures are the paper's (PAPER.md §3), measured over the later half of the run (the evaluation
-points at or after the middle step), where a phase-2 run has settled:
+points at or after the middle step), and tried in this order:
 
     3  divergence          the train error stays at chance level (1 - 1/C) and neighbouring checkpoints
-                           are uncorrelated (median |cos_prev| small): a random walk on the sphere
-    1  convergence         the train error reached 0, or the train loss is still falling: a clear
-                           downward trend, or a fall at nearly every evaluation point, however slow
-    2  chaotic equilibrium neither the train loss nor GM has a clear trend over the later half, while
-                           the train error is clearly below chance (its median there)
-    undecided              too few evaluation points in the later half to tell, or none of the above
+                           are uncorrelated: a random walk on the sphere
+    1  convergence         the train error reached 0; or it is heading there, halving or faster over
+                           the later half; or the weights are settling (neighbouring checkpoints nearly
+                           parallel) while the train loss still falls
+    2  chaotic equilibrium the train error stays clearly above 0 and clearly below chance while the
+                           weights keep moving (checkpoints not parallel); settled or still settling
+    undecided              too few evaluation points in the later half, or no signature fits
 
-The rules are tried in that order (3, then 1, then 2). A trend is the least-squares line of log(value)
-against the step: its change over the later half, and its t statistic (slope over its standard error).
-It is *clear* when it changes the value by more than about 10 % and stands out of the noise (|t| >= 3),
-so neither one noisy point nor the fluctuations of an equilibrium make a trend.
+Levels (medians over the later half) decide, not the trends of loss and GM: on the default log-spaced
+schedule a long run has only 4 points in its later half, where a trend of noise often looks real, and a
+phase-2 run still settling has falling loss and GM as a converging one does. What tells them apart is
+the train error (stuck well above 0, or on its way to 0) and how far the weights move between
+checkpoints. A trend is the least-squares line of log(value) against the step; its t statistic (slope
+over standard error) must reach 3 for the trend to count.
 """
 
 import csv
@@ -31,18 +34,20 @@ from sphrun.rundir import write_text
 
 PHASES = ("1", "2", "3")
 UNDECIDED = "undecided"
-MIN_WINDOW_POINTS = 4  # evaluation points in the later half needed to fit a trend
+MIN_WINDOW_POINTS = 4  # evaluation points in the later half: fewer tell nothing
 CHANCE_FRACTION = 0.9  # "at chance": train error >= 0.9 * (1 - 1/C) throughout; "clearly below": median under
-UNCORRELATED_COS = 0.2  # |cosine| between neighbouring checkpoints below which they are unrelated
-TREND_CHANGE = 0.1  # |change of log value| over the later half a trend must exceed: about 10 %
+UNCORRELATED_COS = 0.2  # median |cos_prev| under which neighbouring checkpoints are unrelated
+SETTLED_ANGLE = 0.5  # radians the weights turn at most over the later half of a converging run
+MOVING_ANGLE = 1.0  # radians they turn at least over the later half of an equilibrium
+HALVING = math.log(0.5)  # change of log(train error) over the later half of an error heading to 0
+CLEARLY_ABOVE_ZERO = 0.01  # median train error an equilibrium keeps: a run under 1 % is near convergence
 TREND_T = 3.0  # |t statistic| a trend must reach to stand out of the noise
-MONOTONE_FRACTION = 0.8  # a loss falling at >= 80 % of the evaluation points is still falling
 
 
 @dataclass(frozen=True)
 class Verdict:
     phase: str  # "1", "2", "3" or "undecided"
-    evidence: str  # the measurements that decided it, for the user
+    evidence: str  # what decided it, then the measurements, for the user
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,31 @@ class Trend:
     change: float  # of log(value) over the window, from the fitted line
     t: float  # slope / its standard error; +-inf for a perfect line
 
-    def clear(self):
-        return abs(self.change) > TREND_CHANGE and abs(self.t) >= TREND_T
+    def significant(self):
+        return abs(self.t) >= TREND_T
 
     def __str__(self):
         return f"{math.expm1(self.change):+.0%} (t {self.t:+.1f})"
+
+
+@dataclass(frozen=True)
+class Signs:
+    """The measurements of the later half that the rules read."""
+    chance: float  # train error at chance level, 1 - 1/C
+    lowest_err: float
+    highest_err: float
+    typical_err: float  # median: an equilibrium fluctuates
+    err: Trend
+    loss: Trend
+    gm: Trend
+    cos: float  # median |cos_prev|
+    turned: float  # radians: the sum of the angles between neighbouring checkpoints
+
+    def __str__(self):
+        return (f"over the later half: train err {self.lowest_err:.3f} to {self.highest_err:.3f} "
+                f"(median {self.typical_err:.3f}, chance {self.chance:.2f}), err {self.err}, "
+                f"loss {self.loss}, GM {self.gm}, median |cos_prev| {self.cos:.4f}, "
+                f"weights turned {self.turned:.2f} rad")
 
 
 def later_half(rows):
@@ -63,10 +88,11 @@ def later_half(rows):
     return [r for r in rows if r["iter"] >= middle]
 
 
-def trend(window, column):
-    """The least-squares line of log(column) against the step over the window."""
+def trend(window, column, floor=1e-300):
+    """The least-squares line of log(column) against the step over the window (values under `floor`
+    count as `floor`)."""
     steps = np.array([r["iter"] for r in window], dtype=float)
-    values = np.log(np.maximum([r[column] for r in window], 1e-300))
+    values = np.log(np.maximum([r[column] for r in window], floor))
     slope, intercept = np.polyfit(steps, values, 1)
     residuals = values - (slope * steps + intercept)
     spread = math.sqrt(float(residuals @ residuals) / (len(steps) - 2))
@@ -78,10 +104,22 @@ def trend(window, column):
     return Trend(float(slope * (steps[-1] - steps[0])), float(t))
 
 
-def falling_fraction(window, column):
-    """Share of consecutive evaluation points at which `column` went down."""
-    values = [r[column] for r in window]
-    return sum(b < a for a, b in zip(values, values[1:])) / (len(values) - 1)
+def signs(window, num_classes):
+    errors = [r["train_err"] for r in window]
+    positive = [e for e in errors if e > 0]
+    # an error of 0 at some points: log(0) taken as half the smallest error seen, a fall to 0 a big fall
+    floor = min(positive) / 2 if positive else 1.0
+    return Signs(chance=1 - 1 / num_classes, lowest_err=min(errors), highest_err=max(errors),
+                 typical_err=float(np.median(errors)), err=trend(window, "train_err", floor),
+                 loss=trend(window, "train_loss"), gm=trend(window, "gm"),
+                 cos=float(np.median([abs(r["cos_prev"]) for r in window])), turned=turned(window))
+
+
+def turned(window):
+    """The path of the weights over the window in radians: the angles between neighbouring checkpoints
+    added up. A converging run turns less and less; an equilibrium keeps turning, by more the finer the
+    checkpoints sample its wandering, so the sum separates them at any spacing."""
+    return float(sum(math.acos(min(1.0, max(-1.0, r["cos_prev"]))) for r in window[1:]))
 
 
 def classify(rows, num_classes):
@@ -93,25 +131,37 @@ def classify(rows, num_classes):
                                   f"need {MIN_WINDOW_POINTS}")
     if not all(math.isfinite(r[c]) for r in window for c in ("train_loss", "train_err", "gm", "cos_prev")):
         return Verdict(UNDECIDED, "non-finite metrics in the later half")
-    chance = 1 - 1 / num_classes
-    lowest_err, highest_err = min(r["train_err"] for r in window), max(r["train_err"] for r in window)
-    final_err = window[-1]["train_err"]
-    typical_err = float(np.median([r["train_err"] for r in window]))  # an equilibrium fluctuates
-    cos = float(np.median([abs(r["cos_prev"]) for r in window]))
-    loss, gm = trend(window, "train_loss"), trend(window, "gm")
-    falling = falling_fraction(window, "train_loss")
-    numbers = (f"over the later half: train err {lowest_err:.3f} to {highest_err:.3f} "
-               f"(chance {chance:.2f}), loss {loss}, GM {gm}, loss fell at {falling:.0%} of points, "
-               f"median |cos_prev| {cos:.2f}")
-    if lowest_err >= CHANCE_FRACTION * chance and cos < UNCORRELATED_COS:
-        return Verdict("3", "at chance, uncorrelated: " + numbers)
-    if final_err == 0:
-        return Verdict("1", "converged: " + numbers)
-    if (loss.clear() and loss.change < 0) or (falling >= MONOTONE_FRACTION and loss.change < 0):
-        return Verdict("1", "loss falling: " + numbers)
-    if not loss.clear() and not gm.clear() and typical_err < CHANCE_FRACTION * chance:
-        return Verdict("2", "stationary: " + numbers)
-    return Verdict(UNDECIDED, "no signature fits: " + numbers)
+    s = signs(window, num_classes)
+    phase, reason = decide(s)
+    return Verdict(phase, f"{reason}; {s}")
+
+
+def decide(s):
+    """(phase, the reason in words) from the signs of the later half, by the rules in the module's
+    docstring."""
+    at_chance = s.lowest_err >= CHANCE_FRACTION * s.chance
+    below_chance = s.typical_err < CHANCE_FRACTION * s.chance
+    if at_chance and s.cos < UNCORRELATED_COS:
+        return "3", "random walk: train error at chance, checkpoints uncorrelated"
+    if s.lowest_err == 0:
+        return "1", "converged: train error reached 0"
+    if s.err.change <= HALVING and s.err.significant():
+        return "1", "train error heading to 0: halved or faster"
+    rising = s.loss.change > 0 and s.loss.significant()
+    if s.turned <= SETTLED_ANGLE and below_chance and not rising:
+        return "1", f"weights settling: turned under {SETTLED_ANGLE} rad, train loss not rising"
+    if s.turned >= MOVING_ANGLE and below_chance and s.typical_err >= CLEARLY_ABOVE_ZERO:
+        settled = not (s.loss.significant() or s.gm.significant())
+        return "2", "equilibrium: train error stuck between 0 and chance, weights moving" + (
+            "" if settled else " (loss or GM still settling)")
+    if not below_chance:
+        return UNDECIDED, "no signature fits: train error near chance, checkpoints correlated"
+    if s.turned <= SETTLED_ANGLE:
+        return UNDECIDED, "no signature fits: weights settling but the train loss rising"
+    if s.turned < MOVING_ANGLE:
+        return UNDECIDED, (f"no signature fits: weights turned {s.turned:.2f} rad, between settling "
+                           f"(<= {SETTLED_ANGLE}) and moving (>= {MOVING_ANGLE}); train longer")
+    return UNDECIDED, "no signature fits: train error under 1 % but not 0, weights moving"
 
 
 def borders(elrs, phases):

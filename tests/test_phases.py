@@ -46,9 +46,10 @@ def test_error_halving_is_phase_1_even_while_the_weights_move():
 
 
 def test_slow_steady_fall_with_settling_weights_is_phase_1():
-    # a small ELR: the error barely moves, but the weights have almost stopped turning (1 degree per point)
+    # a small ELR: the error barely moves, but the weights have almost stopped turning (1 degree per
+    # point); the 60-degree turn up to the first point of the later half (k = 15) is not part of it
     rows = table(loss=lambda k: 2.0 - 0.002 * k, gm=lambda k: 11.0 - 0.01 * k, err=lambda k: 0.7 - 0.001 * k,
-                 cos=lambda k: math.cos(math.radians(1)))
+                 cos=lambda k: 0.5 if k == 15 else math.cos(math.radians(1)))
     verdict = classify(rows, 10)
     assert (verdict.phase, reason(verdict)) == ("1", "weights settling"), verdict.evidence
 

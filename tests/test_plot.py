@@ -19,9 +19,9 @@ from matplotlib.colors import to_hex
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
 from sphrun.phases import phase_table
-from sphrun.plot import (KINDS, PHASE_COLORS, STYLE, cosine_figure, draw_connect, find_dirs, group_series,
-                         load_run, load_runs, metrics_figure, new_figure, parent_rows, phase_figure, plot,
-                         projection_figure, set_scale, with_curvature)
+from sphrun.plot import (KINDS, PHASE_COLORS, STYLE, cosine_figure, draw_connect, figure_legend, find_dirs,
+                         group_series, load_run, load_runs, metrics_figure, new_figure, parent_rows,
+                         phase_figure, plot, projection_figure, set_scale, with_curvature)
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
@@ -191,10 +191,21 @@ def test_metrics_writes_and_prints_the_phase_table(handmade, tmp_path, monkeypat
     assert f"wrote {tmp_path / 'final-phases.csv'}" in err
 
 
-def test_phase_diagram_draws_each_trajectory_by_step(handmade):
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The figures `plot` saves, kept for a look at what they hold."""
+    import sphrun.plot
+
+    figures = []
+    save = sphrun.plot.save
+    monkeypatch.setattr(sphrun.plot, "save", lambda figure, path: figures.append(figure) or save(figure, path))
+    return figures
+
+
+def test_phase_diagram_draws_each_trajectory_by_step(handmade, drawn_figures, tmp_path):
     root, written = handmade
-    figure = render(phase_figure(sweep_runs(root)))
-    ax = figure.axes[0]
+    plot([str(root)], "phase", out=str(tmp_path / "phase.png"))
+    ax = render(drawn_figures[0]).axes[0]
     lines = [(list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines() if len(l.get_xdata()) > 1]
     parent = written[str(root / run_name(FT_PARENT))]
     for path, rows in written.items():
@@ -287,6 +298,22 @@ def test_every_log_axis_has_labelled_ticks(low, high):
     assert ax.get_yscale() == "log"
     labels = labelled_ticks(ax.yaxis)
     assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+
+
+@pytest.mark.parametrize("labels", [
+    ["from init", "fine-tuned from " + "cifar10-convnet32-ce-elr0.0005-s0-bdd2eb58-ft-elr5e-05-from78000" * 2],
+    [f"fine-tuned from run{k} at step {k * 1000}" for k in range(6)],
+    ["phase 1", "phase 2", "phase 3"],
+])
+def test_figure_legends_stay_inside_the_figure(labels):
+    with matplotlib.rc_context(STYLE):  # as the figures are drawn
+        figure, axes = new_figure(2, 2, height=3.3)
+        handles = [axes[0, 0].plot([1, 2], [k, k + 1], label=label)[0] for k, label in enumerate(labels)]
+        legend = figure_legend(figure, handles)
+    render(figure)
+    assert inside(legend.get_window_extent(), figure.bbox)
+    for ax in axes.flat:  # below the panels, not over them
+        assert not legend.get_window_extent().overlaps(ax.get_window_extent())
 
 
 def test_metrics_figure_axes_are_labelled_and_its_legend_fits(handmade):

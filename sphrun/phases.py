@@ -105,6 +105,7 @@ def trend(window, column, floor=1e-300):
 
 
 def signs(window, num_classes):
+    """What the rules read from the later half (`window`, rows by step) of a run with C classes."""
     errors = [r["train_err"] for r in window]
     positive = [e for e in errors if e > 0]
     # an error of 0 at some points: log(0) taken as half the smallest error seen, a fall to 0 a big fall
@@ -154,8 +155,11 @@ def decide(s):
         settled = not (s.loss.significant() or s.gm.significant())
         return "2", "equilibrium: train error stuck between 0 and chance, weights moving" + (
             "" if settled else " (loss or GM still settling)")
+    if not below_chance and s.cos < UNCORRELATED_COS:
+        return UNDECIDED, ("no signature fits: checkpoints uncorrelated, train error near chance but not "
+                           "throughout")
     if not below_chance:
-        return UNDECIDED, "no signature fits: train error near chance, checkpoints correlated"
+        return UNDECIDED, "no signature fits: train error near chance, checkpoints correlated (stuck?)"
     if s.turned <= SETTLED_ANGLE:
         return UNDECIDED, "no signature fits: weights settling but the train loss rising"
     if s.turned < MOVING_ANGLE:

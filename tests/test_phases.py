@@ -90,7 +90,8 @@ def test_the_real_sweep_of_issue_12():
                      cos=[1, 0.98, 0.995, 0.997, 0.998, 0.998, 0.999, 0.999])
     assert classify(converging, 10).phase == "1"
     walking = run(err=[0.9, 0.9, 0.899, 0.901, 0.9, 0.9, 0.902, 0.9], loss=[2.3, 9, 7, 8, 10, 6, 9, 8],
-                  gm=[9, 900, 1100, 800, 1000, 950, 1050, 990], cos=[1, 0.02, -0.01, 0.01, 0.0, 0.01, -0.02, 0.01])
+                  gm=[9, 900, 1100, 800, 1000, 950, 1050, 990],
+                  cos=[1, 0.02, -0.01, 0.01, 0.0, 0.01, -0.02, 0.01])
     assert classify(walking, 10).phase == "3"
 
 
@@ -183,8 +184,8 @@ def as_error(fraction):
 def as_rows(steps, loss, err, gm, angles):
     """metrics.csv rows; `angles` (radians) between each checkpoint and the previous one."""
     cos = np.concatenate([[1.0], np.cos(np.clip(angles, 0, math.pi))])
-    return [{"iter": int(s), "train_loss": float(l), "train_err": float(e), "gm": float(g), "cos_prev": float(c)}
-            for s, l, e, g, c in zip(steps, loss, err, gm, cos)]
+    return [{"iter": int(s), "train_loss": float(l), "train_err": float(e), "gm": float(g),
+             "cos_prev": float(c)} for s, l, e, g, c in zip(steps, loss, err, gm, cos)]
 
 
 def log_uniform(rng, low, high):
@@ -201,8 +202,8 @@ def converging(rng, epochs):
     loss = rng.uniform(1, 2) * t ** -rng.uniform(0.3, 1.2) * jitter(rng, n, 0.02)
     gm = rng.uniform(2, 20) * t ** -rng.uniform(0.0, 0.8) * jitter(rng, n, 0.05)
     speed, a = log_uniform(rng, 1e-3, 2e-2), rng.uniform(0.8, 1.2)
-    s = t / 25
-    turned = 25 * ((s[1:] ** (1 - a) - s[:-1] ** (1 - a)) / (1 - a) if abs(a - 1) > 1e-9 else np.log(s[1:] / s[:-1]))
+    s = t / 25  # the angle between checkpoints: the integral of speed * s^-a over the epochs between them
+    turned = 25 * (s[1:] ** (1 - a) - s[:-1] ** (1 - a)) / (1 - a)
     return as_rows(steps, loss, err, gm, speed * turned * jitter(rng, n - 1, 0.1))
 
 

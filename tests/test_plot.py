@@ -198,7 +198,8 @@ def drawn_figures(monkeypatch):
 
     figures = []
     save = sphrun.plot.save
-    monkeypatch.setattr(sphrun.plot, "save", lambda figure, path: figures.append(figure) or save(figure, path))
+    monkeypatch.setattr(sphrun.plot, "save",
+                        lambda figure, path: figures.append(figure) or save(figure, path))
     return figures
 
 
@@ -213,7 +214,8 @@ def test_phase_diagram_draws_each_trajectory_by_step(handmade, drawn_figures, tm
         if "-ft-" in path:  # a fine-tune's line starts at its parent's point at the fork
             fork = [r for r in parent if r["iter"] == FT_FROM][0]
             expected = ([fork["train_loss"]] + expected[0], [fork["gm"]] + expected[1])
-        assert any(x == pytest.approx(expected[0]) and y == pytest.approx(expected[1]) for x, y in lines), path
+        assert any(x == pytest.approx(expected[0]) and y == pytest.approx(expected[1])
+                   for x, y in lines), path
     assert ax.get_xscale() == ax.get_yscale() == "log"
 
 
@@ -281,7 +283,8 @@ def test_projection_figure_draws_the_mean_over_steps(handmade):
     ax = render(projection_figure(runs)).axes[0]
     line = [l for l in ax.get_lines() if len(l.get_xdata()) == len(SWEEP)][0]
     # the first row is the start: no step was taken before it
-    means = [100 * np.mean([r["proj_err"] for r in written[str(root / run_name(e))][1:]]) for e in sorted(SWEEP)]
+    means = [100 * np.mean([r["proj_err"] for r in written[str(root / run_name(e))][1:]])
+             for e in sorted(SWEEP)]
     assert list(line.get_ydata()) == pytest.approx(means)
 
 
@@ -301,7 +304,7 @@ def test_every_log_axis_has_labelled_ticks(low, high):
 
 
 @pytest.mark.parametrize("labels", [
-    ["from init", "fine-tuned from " + "cifar10-convnet32-ce-elr0.0005-s0-bdd2eb58-ft-elr5e-05-from78000" * 2],
+    ["from init", "fine-tuned from " + "cifar10-convnet32-ce-elr0.0005-s0-bdd2eb58-ft-elr5e-05-from7800" * 2],
     [f"fine-tuned from run{k} at step {k * 1000}" for k in range(6)],
     ["phase 1", "phase 2", "phase 3"],
 ])
@@ -433,7 +436,8 @@ def test_curvature_kind_leaves_out_runs_without_curvature(sweep, tmp_path, monke
     code, _, err = run_cli(monkeypatch, capsys, tmp_path / "runs", "--kind", "curvature")
     assert code == 0 and drawn(tmp_path / "runs" / "curvature.png")
     assert f"note: {tmp_path / 'runs' / 'elr1'} has no curvature.csv" in err
-    assert [r.path for r in with_curvature(sweep_runs(tmp_path / "runs"))] == [str(tmp_path / "runs" / "elr0.001")]
+    measured = with_curvature(sweep_runs(tmp_path / "runs"))
+    assert [r.path for r in measured] == [str(tmp_path / "runs" / "elr0.001")]
 
 
 def test_fine_tune_continues_from_its_parent_at_the_fork(sweep):

@@ -217,6 +217,9 @@ def test_phase_diagram_draws_each_trajectory_by_step(handmade, drawn_figures, tm
         assert any(x == pytest.approx(expected[0]) and y == pytest.approx(expected[1])
                    for x, y in lines), path
     assert ax.get_xscale() == ax.get_yscale() == "log"
+    colour_bar = drawn_figures[0].axes[1]
+    for axis in (ax.xaxis, ax.yaxis, colour_bar.yaxis):
+        assert len(labelled_ticks(axis)) >= 2
 
 
 def test_cosine_figure_draws_the_later_half_of_each_run(handmade):

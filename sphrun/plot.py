@@ -639,9 +639,6 @@ def later_cosines(run):
         raise SphrunError(f"{run.path}: evaluation points are not equally spaced (gaps of {min(gaps)} to "
                           f"{max(gaps)} steps, the default log-spaced schedule?), so its cosines are not "
                           f"comparable; train with --eval-every N for this figure")
-    if not run.settings.get("eval_every"):
-        message(f"note: {run.path} was evaluated on the default log-spaced schedule, whose points are "
-                f"equally spaced only up to epoch 10; train with --eval-every N to compare longer runs")
     middle = (rows[0]["iter"] + rows[-1]["iter"]) / 2
     return gaps[0], [r["cos_prev"] for r in rows[1:] if r["iter"] >= middle]
 
@@ -673,6 +670,10 @@ def cosine_figure(runs):
     runs = [r for r in runs if cosines[r.path]]
     if not runs:
         raise SphrunError("no run has evaluation points in its later half: train longer")
+    log_spaced = [os.path.basename(r.path) for r in runs if not r.settings.get("eval_every")]
+    if log_spaced:
+        message(f"note: {', '.join(log_spaced)}: evaluated on the default log-spaced schedule, whose points "
+                f"are equally spaced only up to epoch 10; train with --eval-every N to compare longer runs")
     figure, axes = new_figure(height=2.6)
     ax = axes[0, 0]
     series = group_series(runs)

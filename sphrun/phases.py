@@ -5,19 +5,20 @@ points at or after the middle step), and tried in this order:
 
     3  divergence          the train error stays at chance level (1 - 1/C) and neighbouring checkpoints
                            are uncorrelated: a random walk on the sphere
-    1  convergence         the train error reached 0; or it is heading there, halving or faster over
-                           the later half; or the weights are settling (neighbouring checkpoints nearly
-                           parallel) while the train loss still falls
-    2  chaotic equilibrium the train error stays clearly above 0 and clearly below chance while the
-                           weights keep moving (checkpoints not parallel); settled or still settling
+    1  convergence         the train error reached 0; or it is heading there, down by a third or more
+                           over the later half; or the weights are settling (they turned little in all
+                           over the later half) while the train loss does not rise
+    2  chaotic equilibrium the train error stays clearly above 0 and clearly below chance, down by less
+                           than a quarter over the later half, while the weights keep turning; settled
+                           or still settling
     undecided              too few evaluation points in the later half, or no signature fits
 
-Levels (medians over the later half) decide, not the trends of loss and GM: on the default log-spaced
-schedule a long run has only 4 points in its later half, where a trend of noise often looks real, and a
-phase-2 run still settling has falling loss and GM as a converging one does. What tells them apart is
-the train error (stuck well above 0, or on its way to 0) and how far the weights move between
-checkpoints. A trend is the least-squares line of log(value) against the step; its t statistic (slope
-over standard error) must reach 3 for the trend to count.
+The train error and the path of the weights decide, not the trends of loss and GM: on the default
+log-spaced schedule a long run has only 4 points in its later half, where a small trend of noise often
+looks real, and a phase-2 run still settling has falling loss and GM as a converging one does. What
+tells them apart is the train error (stuck well above 0, or on its way to 0: large changes, which noise
+rarely fakes) and how far the weights turn between checkpoints. A trend is the least-squares line of
+log(value) against the step; its t statistic (slope over standard error) must reach 3 to count.
 """
 
 import csv
@@ -39,7 +40,8 @@ CHANCE_FRACTION = 0.9  # "at chance": train error >= 0.9 * (1 - 1/C) throughout;
 UNCORRELATED_COS = 0.2  # median |cos_prev| under which neighbouring checkpoints are unrelated
 SETTLED_ANGLE = 0.5  # radians the weights turn at most over the later half of a converging run
 MOVING_ANGLE = 1.0  # radians they turn at least over the later half of an equilibrium
-HALVING = math.log(0.5)  # change of log(train error) over the later half of an error heading to 0
+HEADING_TO_ZERO = math.log(2 / 3)  # change of log(train error) over the later half: fell by a third or more
+STUCK = math.log(3 / 4)  # ... and above this (fell by less than a quarter, or rose): an error that stays
 CLEARLY_ABOVE_ZERO = 0.01  # median train error an equilibrium keeps: a run under 1 % is near convergence
 TREND_T = 3.0  # |t statistic| a trend must reach to stand out of the noise
 
@@ -118,8 +120,8 @@ def signs(window, num_classes):
 
 def turned(window):
     """The path of the weights over the window in radians: the angles between neighbouring checkpoints
-    added up. A converging run turns less and less; an equilibrium keeps turning, by more the finer the
-    checkpoints sample its wandering, so the sum separates them at any spacing."""
+    added up. A converged run hardly turns; an equilibrium keeps turning, by more the finer the
+    checkpoints sample its wandering, so the sum tells them apart at any spacing."""
     return float(sum(math.acos(min(1.0, max(-1.0, r["cos_prev"]))) for r in window[1:]))
 
 
@@ -146,12 +148,13 @@ def decide(s):
         return "3", "random walk: train error at chance, checkpoints uncorrelated"
     if s.lowest_err == 0:
         return "1", "converged: train error reached 0"
-    if s.err.change <= HALVING and s.err.significant():
-        return "1", "train error heading to 0: halved or faster"
+    if s.err.change <= HEADING_TO_ZERO and s.err.significant():
+        return "1", "train error heading to 0: down by a third or more"
     rising = s.loss.change > 0 and s.loss.significant()
     if s.turned <= SETTLED_ANGLE and below_chance and not rising:
         return "1", f"weights settling: turned under {SETTLED_ANGLE} rad, train loss not rising"
-    if s.turned >= MOVING_ANGLE and below_chance and s.typical_err >= CLEARLY_ABOVE_ZERO:
+    stuck = s.err.change > STUCK
+    if s.turned >= MOVING_ANGLE and below_chance and s.typical_err >= CLEARLY_ABOVE_ZERO and stuck:
         settled = not (s.loss.significant() or s.gm.significant())
         return "2", "equilibrium: train error stuck between 0 and chance, weights moving" + (
             "" if settled else " (loss or GM still settling)")
@@ -165,6 +168,9 @@ def decide(s):
     if s.turned < MOVING_ANGLE:
         return UNDECIDED, (f"no signature fits: weights turned {s.turned:.2f} rad, between settling "
                            f"(<= {SETTLED_ANGLE}) and moving (>= {MOVING_ANGLE}); train longer")
+    if not stuck:
+        return UNDECIDED, ("no signature fits: train error falling, by a quarter to a third, while the "
+                           "weights move; train longer")
     return UNDECIDED, "no signature fits: train error under 1 % but not 0, weights moving"
 
 

@@ -37,7 +37,7 @@ def test_zero_train_error_is_converged_phase_1():
     assert (verdict.phase, reason(verdict)) == ("1", "converged")
 
 
-def test_error_halving_is_phase_1_even_while_the_weights_move():
+def test_error_falling_fast_is_phase_1_even_while_the_weights_move():
     # the largest phase-1 ELRs: error down from 8 % to 2 % over the later half, checkpoints 25 degrees apart
     rows = table(loss=lambda k: 0.5 / (1 + k), gm=lambda k: 3 / (1 + k) ** 0.5,
                  err=lambda k: 0.08 * (16 / (1 + k)) ** 2 if k >= 15 else 0.3, cos=lambda k: 0.9)
@@ -95,6 +95,29 @@ def test_the_real_sweep_of_issue_12():
     assert classify(walking, 10).phase == "3"
 
 
+def test_a_real_sweep_at_width_8():
+    """ConvNet width 8 on the 10 % CIFAR-10 subset, 30 epochs, run to calibrate these rules: the rows
+    of the default schedule from epoch 15 on (and the start), cos_prev between its checkpoints. At 1e-4,
+    3.16e-4 and 1e-3 the error keeps falling towards 0 (to 0.30, 0.14 and 0.14); at 1e-2 it has been
+    stuck near 0.55 since epoch 15 while the weights keep turning."""
+    runs = {
+        1e-4: ("1", [(0.4162, 1.2408, 8.804, 0.99937), (0.376, 1.1159, 8.132, 0.99909),
+                     (0.3398, 1.0285, 8.454, 0.99887), (0.2986, 0.9378, 8.138, 0.99901)]),
+        3.16e-4: ("1", [(0.3126, 0.9331, 7.571, 0.99723), (0.2322, 0.7567, 6.549, 0.99628),
+                        (0.19, 0.6723, 6.75, 0.99559), (0.1428, 0.5648, 6.325, 0.99624)]),
+        1e-3: ("1", [(0.2578, 0.8249, 4.197, 0.98892), (0.221, 0.7099, 4.561, 0.98476),
+                     (0.1786, 0.6132, 4.831, 0.98216), (0.1394, 0.5242, 4.759, 0.98423)]),
+        1e-2: ("2", [(0.5372, 1.5171, 2.102, 0.87914), (0.5052, 1.4319, 2.211, 0.8327),
+                     (0.5616, 1.669, 2.314, 0.81934), (0.5754, 1.6644, 2.471, 0.8123)]),
+    }
+    for elr, (phase, later) in runs.items():
+        rows = [{"iter": 0, "train_err": 0.9, "train_loss": 13.3864, "gm": 39.546, "cos_prev": 1.0}]
+        rows += [{"iter": 39 * epoch, "train_err": e, "train_loss": l, "gm": g, "cos_prev": c}
+                 for epoch, (e, l, g, c) in zip((16, 20, 25, 30), later)]
+        verdict = classify(rows, 10)
+        assert verdict.phase == phase, (elr, verdict.evidence)
+
+
 def test_random_walk_at_chance_is_phase_3():
     rows = table(loss=noisy(6.0, 0.3, 7), gm=noisy(2000.0, 0.3, 8), err=noisy(0.9, 0.01, 9),
                  cos=lambda k: 0.01 * (-1) ** k)
@@ -115,6 +138,14 @@ def test_at_chance_but_correlated_is_not_phase_3():
     rows = table(loss=noisy(2.3, 0.01, 13), gm=noisy(1.0, 0.01, 14), err=noisy(0.9, 0.001, 15),
                  cos=lambda k: 0.99)
     assert classify(rows, 10).phase == UNDECIDED
+
+
+def test_error_falling_by_a_quarter_to_a_third_while_moving_is_undecided():
+    # neither stuck (an equilibrium's error falls less while it settles) nor clearly heading to 0
+    rows = table(loss=lambda k: 1.0 * 0.99 ** k, gm=noisy(3.0, 0.02, 23), err=lambda k: 0.3 * 0.977 ** k,
+                 cos=lambda k: 0.6)
+    verdict = classify(rows, 10)
+    assert verdict.phase == UNDECIDED and "by a quarter to a third" in verdict.evidence, verdict.evidence
 
 
 def test_between_settling_and_moving_is_undecided():
@@ -210,7 +241,7 @@ def converging(rng, epochs):
 def equilibrium(rng, epochs, still_settling=0.0):
     """Phase 2: loss, error and GM at a level (error 5 % to 75 %) with fluctuations of 5-10 %. With
     `still_settling`, loss and GM approach their level exponentially and still fall by that fraction over
-    the later half (issue 12's run at 1e-2 fell 21 %), the error by about half as much. Checkpoints Dt
+    the later half (issue 12's run at 1e-2 fell 21 %), the error by half as much to as much. Checkpoints Dt
     epochs apart have cos = c + (1 - c) exp(-Dt / tau), with c in [0, 0.6) and tau 1 to 100 epochs."""
     steps, t = default_schedule(epochs)
     n = len(t)
@@ -220,7 +251,8 @@ def equilibrium(rng, epochs, still_settling=0.0):
         middle, end = math.exp(-epochs / 2 / tau), math.exp(-epochs / tau)
         amplitude = still_settling / ((1 - still_settling) * middle - end)  # falls by still_settling
         approach = 1 + amplitude * np.exp(-t / tau)
-    err = as_error(np.minimum(rng.uniform(0.05, 0.75) * np.sqrt(approach), 0.85) * jitter(rng, n, 0.05))
+    err = as_error(np.minimum(rng.uniform(0.05, 0.6) * approach ** rng.uniform(0.5, 1), 0.75)
+                   * jitter(rng, n, 0.05))
     loss = rng.uniform(0.5, 2) * approach * jitter(rng, n, 0.1)
     gm = rng.uniform(1, 10) * approach * jitter(rng, n, 0.1)
     floor, tau = rng.uniform(0.0, 0.6), log_uniform(rng, 1, 100)
@@ -269,7 +301,7 @@ def test_flat_noise_gives_a_false_phase_under_1_percent(epochs):
 @pytest.mark.parametrize("simulate, options, phase", [
     (converging, {}, "1"),
     (equilibrium, {}, "2"),
-    (equilibrium, {"still_settling": 0.25}, "2"),
+    (equilibrium, {"still_settling": 0.2}, "2"),
     (random_walk, {}, "3"),
 ], ids=["converging", "settled", "still-settling", "random-walk"])
 def test_simulated_runs_get_their_phase(epochs, simulate, options, phase):

@@ -334,17 +334,15 @@ def plot(
     3 (divergence): the train error stays at chance, at least 90 % of 1 - 1/C at every point, and
     neighbouring checkpoints are uncorrelated, median |cos_prev| under 0.2.
 
-    1 (convergence): the train error reached 0, or the train loss is still falling: a clear downward
-    trend, or down at 80 % of its evaluation points or more.
+    1 (convergence): the train error reached 0, or fell by a third or more over the later half, or the
+    weights turned less than 0.5 rad in all over it (the sum of the angles between neighbouring
+    checkpoints) while the train loss is not rising.
 
-    2 (chaotic equilibrium): neither the train loss nor GM has a clear trend, while the train error is
-    clearly below chance (its median under 90 % of 1 - 1/C).
+    2 (chaotic equilibrium): the train error is stuck clearly between 0 and chance (its median at least
+    1 % and under 90 % of 1 - 1/C, down by less than a quarter) while the weights turned 1 rad or more;
+    loss and GM may still settle.
 
     undecided: fewer than 4 evaluation points in the later half, or no rule fits.
-
-    A trend is the least-squares line of log(value) against the step over the later half; it is clear
-    when it changes the value by more than about 10 % and its t statistic (slope over standard error)
-    is at least 3 in size, so the fluctuations of an equilibrium are no trend.
     """
     from sphrun.plot import plot as draw
 

@@ -1,41 +1,55 @@
 """Which of the paper's three training regimes a run is in, read from its metrics.csv rows alone.
 
 The signatures are the paper's (PAPER.md §3), measured over the later half of the run (the evaluation
-points at or after the middle step), where a phase-2 run has settled:
+points at or after the middle step), and tried in this order:
 
     3  divergence          the train error stays at chance level (1 - 1/C) and neighbouring checkpoints
-                           are uncorrelated (median |cos_prev| small): a random walk on the sphere
-    1  convergence         the train error reached 0, or the train loss is still falling: a clear
-                           downward trend, or a fall at nearly every evaluation point, however slow
-    2  chaotic equilibrium neither the train loss nor GM has a clear trend over the later half, while
-                           the train error is clearly below chance (its median there)
-    undecided              too few evaluation points in the later half to tell, or none of the above
+                           are uncorrelated: a random walk on the sphere
+    1  convergence         the train error reached 0; or it is heading there, down by a third or more
+                           over the later half; or the weights are settling (they turned little in all
+                           over the later half) while the train loss does not rise
+    2  chaotic equilibrium the train error stays clearly above 0 and clearly below chance, down by less
+                           than a quarter over the later half, while the weights keep turning; settled
+                           or still settling
+    undecided              too few evaluation points in the later half, or no signature fits
 
-The rules are tried in that order (3, then 1, then 2). A trend is the least-squares line of log(value)
-against the step: its change over the later half, and its t statistic (slope over its standard error).
-It is *clear* when it changes the value by more than about 10 % and stands out of the noise (|t| >= 3),
-so neither one noisy point nor the fluctuations of an equilibrium make a trend.
+The train error and the path of the weights decide, not the trends of loss and GM: on the default
+log-spaced schedule a long run has only 4 points in its later half, where a small trend of noise often
+looks real, and a phase-2 run still settling has falling loss and GM as a converging one does. What
+tells them apart is the train error (stuck well above 0, or on its way to 0: large changes, which noise
+rarely fakes) and how far the weights turn between checkpoints. A trend is the least-squares line of
+log(value) against the step; its t statistic (slope over standard error) must reach 3 to count.
 """
 
+import csv
+import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from sphrun import SphrunError
+from sphrun.progress import message
+from sphrun.rundir import write_text
+
 PHASES = ("1", "2", "3")
 UNDECIDED = "undecided"
-MIN_WINDOW_POINTS = 4  # evaluation points in the later half needed to fit a trend
+MIN_WINDOW_POINTS = 4  # evaluation points in the later half: fewer tell nothing
 CHANCE_FRACTION = 0.9  # "at chance": train error >= 0.9 * (1 - 1/C) throughout; "clearly below": median under
-UNCORRELATED_COS = 0.2  # |cosine| between neighbouring checkpoints below which they are unrelated
-TREND_CHANGE = 0.1  # |change of log value| over the later half a trend must exceed: about 10 %
+UNCORRELATED_COS = 0.2  # median |cos_prev| under which neighbouring checkpoints are unrelated
+SETTLED_ANGLE = 0.5  # radians the weights turn at most over the later half of a converging run
+MOVING_ANGLE = 1.0  # radians they turn at least over the later half of an equilibrium
+HEADING_TO_ZERO = math.log(2 / 3)  # change of log(train error) over the later half: fell by a third or more
+STUCK = math.log(3 / 4)  # ... and above this (fell by less than a quarter, or rose): an error that stays
+CLEARLY_ABOVE_ZERO = 0.01  # median train error an equilibrium keeps: a run under 1 % is near convergence
 TREND_T = 3.0  # |t statistic| a trend must reach to stand out of the noise
-MONOTONE_FRACTION = 0.8  # a loss falling at >= 80 % of the evaluation points is still falling
 
 
 @dataclass(frozen=True)
 class Verdict:
     phase: str  # "1", "2", "3" or "undecided"
-    evidence: str  # the measurements that decided it, for the user
+    evidence: str  # what decided it, then the measurements, for the user
 
 
 @dataclass(frozen=True)
@@ -43,11 +57,31 @@ class Trend:
     change: float  # of log(value) over the window, from the fitted line
     t: float  # slope / its standard error; +-inf for a perfect line
 
-    def clear(self):
-        return abs(self.change) > TREND_CHANGE and abs(self.t) >= TREND_T
+    def significant(self):
+        return abs(self.t) >= TREND_T
 
     def __str__(self):
         return f"{math.expm1(self.change):+.0%} (t {self.t:+.1f})"
+
+
+@dataclass(frozen=True)
+class Signs:
+    """The measurements of the later half that the rules read."""
+    chance: float  # train error at chance level, 1 - 1/C
+    lowest_err: float
+    highest_err: float
+    typical_err: float  # median: an equilibrium fluctuates
+    err: Trend
+    loss: Trend
+    gm: Trend
+    cos: float  # median |cos_prev|
+    turned: float  # radians: the sum of the angles between neighbouring checkpoints
+
+    def __str__(self):
+        return (f"over the later half: train err {self.lowest_err:.3f} to {self.highest_err:.3f} "
+                f"(median {self.typical_err:.3f}, chance {self.chance:.2f}), err {self.err}, "
+                f"loss {self.loss}, GM {self.gm}, median |cos_prev| {self.cos:.4f}, "
+                f"weights turned {self.turned:.2f} rad")
 
 
 def later_half(rows):
@@ -56,10 +90,11 @@ def later_half(rows):
     return [r for r in rows if r["iter"] >= middle]
 
 
-def trend(window, column):
-    """The least-squares line of log(column) against the step over the window."""
+def trend(window, column, floor=1e-300):
+    """The least-squares line of log(column) against the step over the window (values under `floor`
+    count as `floor`)."""
     steps = np.array([r["iter"] for r in window], dtype=float)
-    values = np.log(np.maximum([r[column] for r in window], 1e-300))
+    values = np.log(np.maximum([r[column] for r in window], floor))
     slope, intercept = np.polyfit(steps, values, 1)
     residuals = values - (slope * steps + intercept)
     spread = math.sqrt(float(residuals @ residuals) / (len(steps) - 2))
@@ -71,10 +106,23 @@ def trend(window, column):
     return Trend(float(slope * (steps[-1] - steps[0])), float(t))
 
 
-def falling_fraction(window, column):
-    """Share of consecutive evaluation points at which `column` went down."""
-    values = [r[column] for r in window]
-    return sum(b < a for a, b in zip(values, values[1:])) / (len(values) - 1)
+def signs(window, num_classes):
+    """What the rules read from the later half (`window`, rows by step) of a run with C classes."""
+    errors = [r["train_err"] for r in window]
+    positive = [e for e in errors if e > 0]
+    # an error of 0 at some points: log(0) taken as half the smallest error seen, a fall to 0 a big fall
+    floor = min(positive) / 2 if positive else 1.0
+    return Signs(chance=1 - 1 / num_classes, lowest_err=min(errors), highest_err=max(errors),
+                 typical_err=float(np.median(errors)), err=trend(window, "train_err", floor),
+                 loss=trend(window, "train_loss"), gm=trend(window, "gm"),
+                 cos=float(np.median([abs(r["cos_prev"]) for r in window])), turned=turned(window))
+
+
+def turned(window):
+    """The path of the weights over the window in radians: the angles between neighbouring checkpoints
+    added up. A converged run hardly turns; an equilibrium keeps turning, by more the finer the
+    checkpoints sample its wandering, so the sum tells them apart at any spacing."""
+    return float(sum(math.acos(min(1.0, max(-1.0, r["cos_prev"]))) for r in window[1:]))
 
 
 def classify(rows, num_classes):
@@ -86,25 +134,44 @@ def classify(rows, num_classes):
                                   f"need {MIN_WINDOW_POINTS}")
     if not all(math.isfinite(r[c]) for r in window for c in ("train_loss", "train_err", "gm", "cos_prev")):
         return Verdict(UNDECIDED, "non-finite metrics in the later half")
-    chance = 1 - 1 / num_classes
-    lowest_err, highest_err = min(r["train_err"] for r in window), max(r["train_err"] for r in window)
-    final_err = window[-1]["train_err"]
-    typical_err = float(np.median([r["train_err"] for r in window]))  # an equilibrium fluctuates
-    cos = float(np.median([abs(r["cos_prev"]) for r in window]))
-    loss, gm = trend(window, "train_loss"), trend(window, "gm")
-    falling = falling_fraction(window, "train_loss")
-    numbers = (f"over the later half: train err {lowest_err:.3f} to {highest_err:.3f} "
-               f"(chance {chance:.2f}), loss {loss}, GM {gm}, loss fell at {falling:.0%} of points, "
-               f"median |cos_prev| {cos:.2f}")
-    if lowest_err >= CHANCE_FRACTION * chance and cos < UNCORRELATED_COS:
-        return Verdict("3", "at chance, uncorrelated: " + numbers)
-    if final_err == 0:
-        return Verdict("1", "converged: " + numbers)
-    if (loss.clear() and loss.change < 0) or (falling >= MONOTONE_FRACTION and loss.change < 0):
-        return Verdict("1", "loss falling: " + numbers)
-    if not loss.clear() and not gm.clear() and typical_err < CHANCE_FRACTION * chance:
-        return Verdict("2", "stationary: " + numbers)
-    return Verdict(UNDECIDED, "no signature fits: " + numbers)
+    s = signs(window, num_classes)
+    phase, reason = decide(s)
+    return Verdict(phase, f"{reason}; {s}")
+
+
+def decide(s):
+    """(phase, the reason in words) from the signs of the later half, by the rules in the module's
+    docstring."""
+    at_chance = s.lowest_err >= CHANCE_FRACTION * s.chance
+    below_chance = s.typical_err < CHANCE_FRACTION * s.chance
+    if at_chance and s.cos < UNCORRELATED_COS:
+        return "3", "random walk: train error at chance, checkpoints uncorrelated"
+    if s.lowest_err == 0:
+        return "1", "converged: train error reached 0"
+    if s.err.change <= HEADING_TO_ZERO and s.err.significant():
+        return "1", "train error heading to 0: down by a third or more"
+    rising = s.loss.change > 0 and s.loss.significant()
+    if s.turned <= SETTLED_ANGLE and below_chance and not rising:
+        return "1", f"weights settling: turned under {SETTLED_ANGLE} rad, train loss not rising"
+    stuck = s.err.change > STUCK
+    if s.turned >= MOVING_ANGLE and below_chance and s.typical_err >= CLEARLY_ABOVE_ZERO and stuck:
+        settled = not (s.loss.significant() or s.gm.significant())
+        return "2", "equilibrium: train error stuck between 0 and chance, weights moving" + (
+            "" if settled else " (loss or GM still settling)")
+    if not below_chance and s.cos < UNCORRELATED_COS:
+        return UNDECIDED, ("no signature fits: checkpoints uncorrelated, train error near chance but not "
+                           "throughout")
+    if not below_chance:
+        return UNDECIDED, "no signature fits: train error near chance, checkpoints correlated (stuck?)"
+    if s.turned <= SETTLED_ANGLE:
+        return UNDECIDED, "no signature fits: weights settling but the train loss rising"
+    if s.turned < MOVING_ANGLE:
+        return UNDECIDED, (f"no signature fits: weights turned {s.turned:.2f} rad, between settling "
+                           f"(<= {SETTLED_ANGLE}) and moving (>= {MOVING_ANGLE}); train longer")
+    if not stuck:
+        return UNDECIDED, ("no signature fits: train error falling, by a quarter to a third, while the "
+                           "weights move; train longer")
+    return UNDECIDED, "no signature fits: train error under 1 % but not 0, weights moving"
 
 
 def borders(elrs, phases):
@@ -119,3 +186,75 @@ def in_paper_order(elrs, phases):
     contiguous block (a phase may be absent)."""
     decided = [p for _, p in sorted(zip(elrs, phases)) if p != UNDECIDED]
     return decided == sorted(decided)
+
+
+# --- the phase table: one row per run, printed and written beside the metrics figure -------------------
+TABLE_NEEDS = ("train_loss", "train_err", "test_err", "gm", "cos_prev")
+
+
+def phase_table(runs):
+    """One row per run (objects with path, elr, loss, num_classes and rows by step): its ELR, final
+    metrics, phase and the evidence for it."""
+    table = []
+    for run in runs:
+        missing = [c for c in TABLE_NEEDS if c not in run.rows[0]]
+        if missing:
+            raise SphrunError(f"{os.path.join(run.path, 'metrics.csv')} has no column {', '.join(missing)} "
+                              f"(it has {', '.join(sorted(run.rows[0]))})")
+        verdict = classify(run.rows, run.num_classes)
+        last = max(run.rows, key=lambda r: r["iter"])
+        table.append({"run": run.path, "elr": run.elr, "loss": run.loss, "steps": last["iter"],
+                      "train_loss": last["train_loss"], "train_err": last["train_err"],
+                      "test_err": last["test_err"], "gm": last["gm"], "phase": verdict.phase,
+                      "evidence": verdict.evidence})
+    return table
+
+
+def table_path_for(figure_path):
+    """The phase table beside the figure: fig.png -> fig-phases.csv (never a run's own metrics.csv)."""
+    return os.path.splitext(figure_path)[0] + "-phases.csv"
+
+
+def write_table(table, path):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    write_text(path, buffer.getvalue())
+
+
+def print_table(table, groups):
+    """The table on stdout, one block per line against the ELR (groups: (label or None, run paths)),
+    each with its borders between phases and a note when they are out of the paper's order."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: one line per run, however long
+        console = Console(width=250)
+    by_run = {row["run"]: row for row in table}
+    for label, paths in groups:
+        rows = sorted((by_run[p] for p in paths), key=lambda row: row["elr"])
+        shown = Table(title=label, show_edge=False, pad_edge=False)
+        for heading in ("ELR", "train loss", "train err", "test err", "GM", "phase", "evidence"):
+            shown.add_column(heading, justify="left" if heading == "evidence" else "right", overflow="fold")
+        for row in rows:
+            shown.add_row(f"{row['elr']:.3g}", f"{row['train_loss']:.4g}", f"{row['train_err']:.3f}",
+                          f"{row['test_err']:.3f}", f"{row['gm']:.4g}", row["phase"], row["evidence"])
+        console.print(shown)
+        elrs, phases = [row["elr"] for row in rows], [row["phase"] for row in rows]
+        found = borders(elrs, phases)
+        if found:
+            console.print("borders: " + "; ".join(f"{a}|{b} between ELR {lo:.3g} and {hi:.3g}"
+                                                  for lo, hi, a, b in found))
+        if not in_paper_order(elrs, phases):
+            console.print("note: these phases are not in the paper's order (1, then 2, then 3 as ELR "
+                          "grows, each one contiguous block)")
+
+
+def report_phases(table, groups, csv_path):
+    """Print the table and write it as CSV (what `sphrun plot --kind metrics` does after its figure)."""
+    print_table(table, groups)
+    write_table(table, csv_path)
+    message(f"wrote {csv_path}")

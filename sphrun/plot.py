@@ -7,10 +7,10 @@ column of a two-column paper (3.4 in wide) and written atomically as .png, .svg 
 import csv
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -21,13 +21,13 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import Formatter, Locator, LogLocator, MaxNLocator, NullFormatter
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.phases import UNDECIDED, borders, classify, in_paper_order
+from sphrun.phases import UNDECIDED, classify, phase_table, report_phases, table_path_for
 from sphrun.progress import message
-from sphrun.rundir import RunDir, atomic_write, write_text
+from sphrun.rundir import RunDir, atomic_write
 
 KINDS = ("phase", "metrics", "cosine", "connect", "curvature", "projection")
 FORMATS = (".png", ".svg", ".pdf")
@@ -57,6 +57,8 @@ CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err")
 # and where it ran, and the start step and ELR of a fine-tune (its parent already tells those apart).
 NOT_SERIES = ("elr", "epochs", "iters", "eval_every", "keep", "device", "data_dir", "origin", "elr_from")
 PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
+LEGEND_WRAP = 50  # characters of a legend label per line: about the width of the figure at 6 pt
+BOX_SLOT = 0.8  # of the room between neighbouring ELRs on the cosine figure, shared by their boxes
 
 
 # --- reading runs ------------------------------------------------------------------------------------
@@ -211,7 +213,9 @@ def styled(function):
     return wrapper
 
 
+@styled
 def save(figure, out_path):
+    """Write the figure atomically; under the module's style, since tick labels are made as it is drawn."""
     extension = os.path.splitext(out_path)[1].lower()
     check_extension(out_path)
     folder = os.path.dirname(os.path.abspath(out_path))
@@ -253,23 +257,58 @@ def set_scale(ax, axis, values, log=True):
         setter("linear")
     elif values.min() > 0:
         setter("log")
-        tidy_log_ticks(ax.xaxis if axis == "x" else ax.yaxis, values.max() / values.min())
+        readable_log_ticks(ax.xaxis if axis == "x" else ax.yaxis)
     else:
         positive = values[values > 0]
         setter("symlog", linthresh=positive.min() if len(positive) else 1.0)
 
 
-def tidy_log_ticks(axis, span):
-    """Label only powers of ten over two decades or more (crowded minor labels collide at 7 pt); over
-    less, label 2x and 5x too (every minor tick below a factor 3), as plain numbers, so that the axis
-    always has several labels."""
-    if span >= 100:
-        axis.set_minor_formatter(NullFormatter())
-        return
-    labelled = range(2, 10) if span < 3 else (2, 5)
-    leading = lambda v: round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if leading(v) in labelled else ""))
+class ReadableLogLocator(Locator):
+    """Ticks of a log axis chosen from its final limits so that several always get a label: powers of
+    ten over two decades or more, 1, 2 and 5 times them over one to two, and evenly spaced plain numbers
+    within a decade (where a log locator finds one tick or none)."""
+
+    def __call__(self):
+        return self.tick_values(*self.axis.get_view_interval())
+
+    def tick_values(self, vmin, vmax):
+        low, high = sorted((vmin, vmax))
+        if not low > 0:
+            return LogLocator().tick_values(low, high)
+        if high / low >= 100:
+            return LogLocator(numticks=8).tick_values(low, high)
+        if high / low >= 10:
+            return LogLocator(subs=(1, 2, 5), numticks=20).tick_values(low, high)
+        ticks = MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
+        return ticks[ticks > 0]
+
+
+def readable_log_ticks(axis):
+    """Labelled ticks on a log axis over any range (see ReadableLogLocator); unlabelled minor ticks."""
+    axis.set_major_locator(ReadableLogLocator())
+    axis.set_major_formatter(ReadableLogFormatter())
+    axis.set_minor_locator(LogLocator(subs="auto"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+class ReadableLogFormatter(Formatter):
+    """Plain numbers (0.05, 20, 3000) when every tick of the axis reads well so; else powers of ten
+    ($10^{-5}$, $2\\times10^{-5}$) for all of them, so that one axis never mixes the two."""
+
+    ticks = ()
+
+    def set_locs(self, locs):
+        self.ticks = list(locs)  # every tick about to be labelled
+
+    def __call__(self, value, pos=None):
+        low, high = sorted(self.axis.get_view_interval()) if self.axis else (0, math.inf)
+        if all(1e-3 <= v < 1e4 for v in self.ticks if low <= v <= high):
+            return f"{value:g}"
+        exponent = math.floor(math.log10(value) + 1e-9)
+        mantissa = round(value / 10 ** exponent, 3)
+        if mantissa == 1:
+            return f"$10^{{{exponent}}}$"
+        return f"${mantissa:g}\\times10^{{{exponent}}}$"
 
 
 def elr_norm(elrs):
@@ -347,11 +386,16 @@ def find_settings(tree):
     return None
 
 
-@styled
 def connect_figure(connect_dirs, out_path):
+    """Draw the connect outputs into out_path (what `sphrun connect` calls); returns the path."""
+    check_extension(out_path)
+    return save(draw_connect(connect_dirs), out_path)
+
+
+@styled
+def draw_connect(connect_dirs):
     """Metrics along the segment between two runs' weights (figures 3, 5, 6), one line per connect
     output: train loss, train error, test error and GM (test loss where GM is absent) against alpha."""
-    check_extension(out_path)
     curves = [(os.path.basename(os.path.normpath(d)), read_connect(d)) for d in connect_dirs]
     settings = [find_settings(read_connect_config(d)) for d in connect_dirs]
     datasets = {(s.get("dataset"), s.get("subset")) for s in settings if s}
@@ -371,7 +415,7 @@ def connect_figure(connect_dirs, out_path):
         set_scale(ax, "y", values, log=column in ("train_loss", "test_loss", "gm"))
         ax.set_xlim(0, 1)
     if len(curves) > 1:
-        figure.legend(*axes[0, 0].get_legend_handles_labels(), frameon=False, loc="outside lower center")
+        figure_legend(figure, *axes[0, 0].get_legend_handles_labels())
     s = settings[0] if settings and settings[0] else None
     heading = "Linear mode connectivity"
     if s:
@@ -382,7 +426,7 @@ def connect_figure(connect_dirs, out_path):
         if "width" in s:
             heading += f", ConvNet c={s['width']}"
     figure.suptitle(heading)
-    return save(figure, out_path)
+    return figure
 
 
 # --- phase diagrams ----------------------------------------------------------------------------------
@@ -414,7 +458,7 @@ def needs_curvature(run, columns):
 
 
 @styled
-def phase_figure(runs, out_path, x="train_loss", y="gm"):
+def phase_figure(runs, x="train_loss", y="gm"):
     """Trajectories of (x, y) over the evaluation points, one per run, log-log, coloured by ELR
     (figures 1, 16, 19; with curvature.csv columns figures 22, 23). Fine-tunes are dashed and start from
     their parent's point at the fork."""
@@ -455,7 +499,7 @@ def phase_figure(runs, out_path, x="train_loss", y="gm"):
     figure.colorbar(cmap, ax=ax, label="ELR")
     ax.legend(handles=phase_legend(runs, bool(orphan_parents)), frameon=False, loc="best")
     ax.set_title(title(runs))
-    return save(figure, out_path)
+    return figure
 
 
 def phase_legend(runs, parents_drawn=False):
@@ -513,63 +557,6 @@ def series_label(series, all_series):
     return ", ".join(parts) or "from init"
 
 
-def phase_table(runs):
-    """One row per run: its ELR, final metrics and the classifier's verdict."""
-    table = []
-    for run in runs:
-        require_columns(run, ("train_loss", "train_err", "test_err", "gm", "cos_prev"))
-        verdict = classify(run.rows, run.num_classes)
-        last = run.rows[-1]
-        table.append({"run": run.path, "elr": run.elr, "loss": run.loss, "steps": last["iter"],
-                      "train_loss": last["train_loss"], "train_err": last["train_err"],
-                      "test_err": last["test_err"], "gm": last["gm"], "phase": verdict.phase,
-                      "evidence": verdict.evidence})
-    return table
-
-
-def table_path_for(figure_path):
-    """The phase table beside the figure: fig.png -> fig-phases.csv (never a run's own metrics.csv)."""
-    return os.path.splitext(figure_path)[0] + "-phases.csv"
-
-
-def write_table(table, path):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in table:
-        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-    write_text(path, buffer.getvalue())
-
-
-def print_table(table, series):
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: one line per run, however long
-        console = Console(width=250)
-    by_run = {row["run"]: row for row in table}
-    for group in series:
-        rows = [by_run[r.path] for r in group]
-        shown_table = Table(title=series_label(group, series) if len(series) > 1 else None,
-                            show_edge=False, pad_edge=False)
-        for heading in ("ELR", "train loss", "train err", "test err", "GM", "phase", "evidence"):
-            shown_table.add_column(heading, justify="left" if heading == "evidence" else "right",
-                                   overflow="fold")
-        for row in rows:
-            shown_table.add_row(elr_text(row["elr"]), f"{row['train_loss']:.4g}", f"{row['train_err']:.3f}",
-                                f"{row['test_err']:.3f}", f"{row['gm']:.4g}", row["phase"], row["evidence"])
-        console.print(shown_table)
-        elrs, phases = [row["elr"] for row in rows], [row["phase"] for row in rows]
-        found = borders(elrs, phases)
-        if found:
-            console.print("borders: " + "; ".join(f"{a}|{b} between ELR {elr_text(lo)} and {elr_text(hi)}"
-                                                  for lo, hi, a, b in found))
-        if not in_paper_order(elrs, phases):
-            console.print("note: these phases are not in the paper's order (1, then 2, then 3 as ELR "
-                          "grows, each one contiguous block)")
-
-
 def shade_phases(ax, series_rows):
     """Background bands of each run's phase, split at the geometric midpoints between neighbouring ELRs."""
     elrs = [r["elr"] for r in series_rows]
@@ -587,17 +574,26 @@ def phase_patches(phases):
     return [Patch(color=PHASE_COLORS[p], label=f"phase {p}") for p in sorted(set(phases) & set(PHASE_COLORS))]
 
 
+def figure_legend(figure, handles, labels=None):
+    """A legend below the panels, where it hides no point, kept inside the figure's width: long labels
+    (a fine-tune's parent) are wrapped and then take a row each."""
+    labels = [h.get_label() for h in handles] if labels is None else labels
+    labels = [textwrap.fill(str(label), LEGEND_WRAP) for label in labels]
+    longest = max(len(line) for label in labels for line in label.splitlines())
+    columns = 1 if longest > LEGEND_WRAP // 2 else 2 if longest > LEGEND_WRAP // 3 else 3
+    return figure.legend(handles, labels, frameon=False, loc="outside lower center",
+                         ncols=min(columns, len(handles)))
+
+
 @styled
-def metrics_figure(runs, out_path):
+def metrics_figure(runs, table):
     """Final train loss, train error, test error and GM against the ELR (figures 2, 18, 20), the phase
-    found for each run shaded; prints the phase table and writes it beside the figure as CSV."""
-    check_extension(out_path)
-    table = phase_table(runs)
+    of each run (the rows of `table`, from sphrun.phases) shaded behind the line with the most runs."""
     by_run = {row["run"]: row for row in table}
     series = group_series(runs)
     figure, axes = new_figure(2, 2, height=3.3)
     losses = [r.loss for r in runs]
-    shaded = [by_run[r.path] for r in series[0]]  # the line with the most runs: its phases in the back
+    shaded = [by_run[r.path] for r in series[0]]
     for ax, column in zip(axes.flat, ("train_loss", "train_err", "test_err", "gm")):
         shade_phases(ax, shaded)
         values = []
@@ -607,28 +603,31 @@ def metrics_figure(runs, out_path):
             ax.plot([row["elr"] for row in rows], y, marker=LOSS_MARKERS.get(group[0].loss, "o"),
                     linestyle="--" if group[0].parent else "-", label=series_label(group, series))
             values += list(y)
-        ax.set_xscale("log")
+        set_scale(ax, "x", [row["elr"] for row in table])
         set_scale(ax, "y", values, log=column in ("train_loss", "gm"))
         ax.set_ylabel(axis_label(column, losses, short=True))
         ax.set_xlabel("ELR")
     handles = phase_patches([row["phase"] for row in shaded])
     if len(series) > 1:
         handles = axes[0, 0].get_legend_handles_labels()[0] + handles
-    if handles:  # below the panels, where it hides no point
-        figure.legend(handles=handles, frameon=False, loc="outside lower center", ncols=min(3, len(handles)))
+    if handles:
+        figure_legend(figure, handles)
     figure.suptitle(title(runs))
-    save(figure, out_path)
-    print_table(table, series)
-    table_path = table_path_for(out_path)
-    write_table(table, table_path)
-    message(f"wrote {table_path}")
-    return out_path
+    return figure
+
+
+def phase_groups(runs):
+    """The runs' paths by line against the ELR, each with its label (None for a single line): the
+    phase table is printed one line at a time."""
+    series = group_series(runs)
+    return [(series_label(group, series) if len(series) > 1 else None, [r.path for r in group])
+            for group in series]
 
 
 # --- cosines and projection error against the ELR -----------------------------------------------------
 def later_cosines(run):
-    """cos_prev over the later half of the run, whose evaluation points must be equally spaced (a shorter
-    last gap, where the run's length is not a multiple of the spacing, is left out)."""
+    """(spacing, cos_prev over the later half of the run), whose evaluation points must be equally spaced
+    (a shorter last gap, where the run's length is not a multiple of the spacing, is left out)."""
     require_columns(run, ("cos_prev",))
     rows = run.rows
     gaps = [b["iter"] - a["iter"] for a, b in zip(rows, rows[1:])]
@@ -638,28 +637,29 @@ def later_cosines(run):
         rows, gaps = rows[:-1], gaps[:-1]
     if len(set(gaps)) > 1:
         raise SphrunError(f"{run.path}: evaluation points are not equally spaced (gaps of {min(gaps)} to "
-                          f"{max(gaps)} steps), so its cosines are not comparable; "
-                          f"train with --eval-every N for this figure")
+                          f"{max(gaps)} steps, the default log-spaced schedule?), so its cosines are not "
+                          f"comparable; train with --eval-every N for this figure")
     middle = (rows[0]["iter"] + rows[-1]["iter"]) / 2
     return gaps[0], [r["cos_prev"] for r in rows[1:] if r["iter"] >= middle]
 
 
-def decade_ticks(ax, positions):
-    """An x axis in log10(ELR) units labelled like a log axis: ticks at the powers of ten."""
-    low, high = min(positions) - 0.3, max(positions) + 0.3
-    decades = range(math.ceil(low), math.floor(high) + 1)
-    if len(decades):
-        ax.set_xticks(list(decades), [f"$10^{{{k}}}$" for k in decades])
-    else:  # less than a decade: label the ELRs themselves
-        ax.set_xticks(sorted(set(positions)), [elr_text(10 ** p) for p in sorted(set(positions))])
-    ax.set_xlim(low, high)
+def cosine_slots(runs, series):
+    """Where each run's box goes: one slot per distinct ELR, in increasing order, shared side by side by
+    the lines that have a run at that ELR. Returns {run path: (centre, width)} and the slots' ELRs."""
+    elrs = sorted({r.elr for r in runs})
+    placed = {}
+    for slot, elr in enumerate(elrs):
+        here = [run for group in series for run in group if run.elr == elr]
+        width = BOX_SLOT / len(here)
+        for k, run in enumerate(here):
+            placed[run.path] = (slot + (k - (len(here) - 1) / 2) * width, 0.85 * width)
+    return placed, elrs
 
 
 @styled
-def cosine_figure(runs, out_path):
+def cosine_figure(runs):
     """The distribution of the cosine between neighbouring checkpoints over the later half of each run,
-    one box per ELR (figures 10, 17), coloured by the run's phase."""
-    check_extension(out_path)
+    one box per run (figures 10, 17), coloured by the run's phase, the ELRs in increasing order."""
     spacing, cosines = {}, {}
     for run in runs:
         spacing[run.path], cosines[run.path] = later_cosines(run)
@@ -667,29 +667,30 @@ def cosine_figure(runs, out_path):
         listed = ", ".join(f"{os.path.basename(p)}: {g}" for p, g in spacing.items())
         raise SphrunError(f"runs have checkpoints a different number of steps apart ({listed}); "
                           f"their cosines are not comparable: plot equally spaced runs together")
-    if not any(cosines.values()):
+    runs = [r for r in runs if cosines[r.path]]
+    if not runs:
         raise SphrunError("no run has evaluation points in its later half: train longer")
+    log_spaced = [os.path.basename(r.path) for r in runs if not r.settings.get("eval_every")]
+    if log_spaced:
+        message(f"note: {', '.join(log_spaced)}: evaluated on the default log-spaced schedule, whose points "
+                f"are equally spaced only up to epoch 10; train with --eval-every N to compare longer runs")
     figure, axes = new_figure(height=2.6)
     ax = axes[0, 0]
     series = group_series(runs)
-    all_positions = np.log10([r.elr for r in runs])  # boxes sit on a log ELR axis
-    gaps = np.diff(np.unique(all_positions))
-    slot = min(0.3, 0.8 * gaps.min()) if len(gaps) else 0.3  # room for one ELR's boxes, in decades
-    width = slot / len(series)
+    placed, elrs = cosine_slots(runs, series)
     phases = []
-    for i, group in enumerate(series):  # lines side by side within an ELR's slot
-        group = [r for r in group if cosines[r.path]]
-        offset = (i - (len(series) - 1) / 2) * width
-        positions = np.log10([r.elr for r in group]) + offset
-        boxes = ax.boxplot([cosines[r.path] for r in group], positions=positions,
-                           widths=0.85 * width, patch_artist=True, manage_ticks=False,
-                           flierprops={"markersize": 2}, medianprops={"color": "black"},
-                           boxprops={"edgecolor": f"C{i}" if len(series) > 1 else "black"})
-        for box, run in zip(boxes["boxes"], group):
+    for i, group in enumerate(series):
+        edge = f"C{i}" if len(series) > 1 else "black"
+        for run in group:
+            centre, width = placed[run.path]
+            boxes = ax.boxplot([cosines[run.path]], positions=[centre], widths=width, patch_artist=True,
+                               manage_ticks=False, flierprops={"markersize": 2},
+                               medianprops={"color": "black"}, boxprops={"edgecolor": edge})
             phase = classify(run.rows, run.num_classes).phase if "train_err" in run.columns() else UNDECIDED
-            box.set_facecolor(PHASE_COLORS.get(phase, "white"))
+            boxes["boxes"][0].set_facecolor(PHASE_COLORS.get(phase, "white"))
             phases.append(phase)
-    decade_ticks(ax, all_positions)
+    ax.set_xticks(range(len(elrs)), [elr_text(e) for e in elrs], rotation=90 if len(elrs) > 6 else 0)
+    ax.set_xlim(-0.5, len(elrs) - 0.5)
     ax.axhline(0, color="0.6", linewidth=0.5, zorder=0)
     ax.set_xlabel(axis_label("elr"))
     ax.set_ylabel(f"cosine between checkpoints\n{next(iter(spacing.values()))} steps apart")
@@ -698,16 +699,15 @@ def cosine_figure(runs, out_path):
         handles += [Patch(facecolor="white", edgecolor=f"C{i}", label=series_label(g, series))
                     for i, g in enumerate(series)]
     if handles:
-        ax.legend(handles=handles, frameon=False, loc="best")
+        figure_legend(figure, handles)
     ax.set_title(title(runs))
-    return save(figure, out_path)
+    return figure
 
 
 @styled
-def projection_figure(runs, out_path):
+def projection_figure(runs):
     """The projection error 1 - r against the ELR (figure 25): mean over each run's steps, with the
     range over its evaluation intervals, and the paper's 2 % line."""
-    check_extension(out_path)
     series = group_series(runs)
     figure, axes = new_figure(height=2.5)
     ax = axes[0, 0]
@@ -726,13 +726,13 @@ def projection_figure(runs, out_path):
                     capsize=1.5, label=series_label(group, series) if len(series) > 1 else None)
         values += list(means - low)
     ax.axhline(100 * PROJECTION_LIMIT, color="0.4", linestyle=":", linewidth=0.8, label="2 %")
-    ax.set_xscale("log")
+    set_scale(ax, "x", [r.elr for r in runs])
     set_scale(ax, "y", values + [100 * PROJECTION_LIMIT])
     ax.set_xlabel(axis_label("elr"))
     ax.set_ylabel(axis_label("proj_err"))
     ax.legend(frameon=False, loc="best")
     ax.set_title(title(runs))
-    return save(figure, out_path)
+    return figure
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -763,6 +763,19 @@ def curvature_measure(runs, y):
     return preferred[0]
 
 
+def with_curvature(runs):
+    """The runs that have a curvature.csv; the others are named in a note, and none at all is an error."""
+    measured = [run for run in runs if read_curvature(run, required=False)]
+    if not measured:
+        raise SphrunError(f"no run has a curvature.csv: run `sphrun curvature RUN` first "
+                          f"(e.g. on {runs[0].path})")
+    for run in runs:
+        if run not in measured:
+            message(f"note: {run.path} has no curvature.csv and is left out "
+                    f"(run `sphrun curvature {run.path}` to add it)")
+    return measured
+
+
 def plot(paths, kind, out=None, x=None, y=None):
     """Draw the figure of `kind` from the runs (or connect outputs) in `paths`; returns its path."""
     if kind not in KINDS:
@@ -777,14 +790,18 @@ def plot(paths, kind, out=None, x=None, y=None):
     dirs = find_dirs(paths, "config.json")
     runs = load_runs(dirs)
     out = out or default_out_for(paths, dirs, kind)
+    if kind == "metrics":  # the figure, then the phase table on stdout and beside the figure
+        table = phase_table(runs)
+        save(metrics_figure(runs, table), out)
+        report_phases(table, phase_groups(runs), table_path_for(out))
+        return out
     if kind == "phase":
-        return phase_figure(runs, out, x or "train_loss", y or "gm")
-    if kind == "curvature":
-        for run in runs:
-            read_curvature(run)  # each run needs one: say so before drawing
-        return phase_figure(runs, out, x or "train_loss", curvature_measure(runs, y))
-    if kind == "metrics":
-        return metrics_figure(runs, out)
-    if kind == "cosine":
-        return cosine_figure(runs, out)
-    return projection_figure(runs, out)
+        figure = phase_figure(runs, x or "train_loss", y or "gm")
+    elif kind == "curvature":
+        runs = with_curvature(runs)
+        figure = phase_figure(runs, x or "train_loss", curvature_measure(runs, y))
+    elif kind == "cosine":
+        figure = cosine_figure(runs)
+    else:
+        figure = projection_figure(runs)
+    return save(figure, out)

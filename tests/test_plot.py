@@ -1,23 +1,339 @@
-"""`sphrun plot`: every kind draws from tiny runs, the phase table, default names, the refusals."""
+"""`sphrun plot`: what each figure draws, checked against hand-written metrics.csv files whose values
+and phases are known here; every kind drawn from tiny real runs; default names; the refusals."""
 
 import csv
 import json
+import math
 import os
+import random
 import shutil
 import sys
 
+import matplotlib
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_hex
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.phases import classify
-from sphrun.plot import KINDS, group_series, load_run, parent_rows, plot
+from sphrun.phases import phase_table
+from sphrun.plot import (KINDS, PHASE_COLORS, STYLE, cosine_figure, draw_connect, figure_legend, find_dirs,
+                         group_series, load_run, load_runs, metrics_figure, new_figure, parent_rows,
+                         phase_figure, plot, projection_figure, set_scale, with_curvature)
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
+# --- hand-written runs --------------------------------------------------------------------------------
+# A sweep of five ELRs whose phases are plain by construction: phase 1 reaches zero train error with
+# nearly parallel checkpoints, phase 2 sits at a level well below chance, phase 3 sits at chance (90 %)
+# with uncorrelated checkpoints. Each run's values differ, so a figure that draws the wrong run, column or
+# row shows other numbers. Steps 0, 100, ..., 1100; the file's rows are shuffled, so its last row is
+# not the final one.
+STEPS = list(range(0, 1200, 100))
+SWEEP = {1e-4: "1", 3e-4: "1", 3e-3: "2", 1e-2: "2", 1e-1: "3"}
+FT_ELR, FT_FROM, FT_PARENT = 3e-3, 500, 3e-4
+
+
+def run_name(elr):
+    return f"cifar10-convnet32-ce-elr{elr:g}-s0-bdd2eb58"
+
+
+def wiggle(k, size):
+    """An equilibrium's fluctuation: +-size, alternating, so the level shows no trend."""
+    return size * (-1) ** k
+
+
+def handmade_row(phase, elr, k):
+    """Metrics at the k-th evaluation point of a run in `phase` at `elr` (c tells the runs apart)."""
+    c = 1 + math.log10(elr) / 10  # 0.5 to 0.9
+    if phase == "1":
+        loss, err, gm, cos = c * 2 / (1 + k), max(0.0, 0.5 - 0.1 * k), c * 10 / math.sqrt(1 + k), 0.9999
+    elif phase == "2":
+        loss, err, gm = c * (1 + wiggle(k, 0.02)), c * 0.5 + wiggle(k, 0.01), c * 3 * (1 + wiggle(k, 0.02))
+        cos = 0.6 * c + wiggle(k, 0.02)
+    else:
+        loss, err, gm, cos = c * 8 * (1 + wiggle(k, 0.03)), 0.9 + wiggle(k, 0.003), c * 2000, wiggle(k, 0.01)
+    return {"iter": STEPS[k], "epoch": STEPS[k] / 100, "elr": elr, "train_loss": loss, "train_err": err,
+            "test_loss": loss + 0.5, "test_err": min(1.0, err + 0.1), "gm": gm, "si_norm": 40.0,
+            "cos_prev": 1.0 if k == 0 else cos, "cos_init": 1 - 0.01 * k, "proj_err": c * 1e-3 * (k % 3),
+            "wall_s": 10.0 * k}
+
+
+def handmade_rows(phase, elr, first=0):
+    return [handmade_row(phase, elr, k) for k in range(first, len(STEPS))]
+
+
+def write_run(folder, elr, rows, parent=None, eval_every=100):
+    os.makedirs(folder, exist_ok=True)
+    settings = {"elr": elr, "loss": "ce", "dataset": "cifar10", "model": "convnet", "width": 32,
+                "eval_every": eval_every}
+    config = {"command": "train", "settings": settings, "num_classes": 10, "train_size": 50000,
+              "parent": parent, "status": "done"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    shuffled = rows[:]
+    random.Random(len(rows)).shuffle(shuffled)
+    write_csv(os.path.join(folder, "metrics.csv"), shuffled)
+
+
+@pytest.fixture
+def handmade(tmp_path):
+    """The sweep of SWEEP and a fine-tune of its 3e-4 run at 3e-3 from step 500 (phase 2); returns the
+    folder and {run path: its rows in step order}."""
+    root = tmp_path / "sweep"
+    written = {}
+    for elr, phase in SWEEP.items():
+        written[str(root / run_name(elr))] = handmade_rows(phase, elr)
+    parent = str(root / run_name(FT_PARENT))
+    child = f"{parent}-ft-elr{FT_ELR:g}-from{FT_FROM}"
+    written[child] = handmade_rows("2", FT_ELR, first=STEPS.index(FT_FROM))
+    for path, rows in written.items():
+        is_child = path == child
+        write_run(path, rows[0]["elr"], rows, {"run": parent, "iter": FT_FROM} if is_child else None)
+    return root, written
+
+
+def sweep_runs(root):
+    return load_runs(find_dirs([str(root)], "config.json"))
+
+
+def final(rows, column):
+    """The value at the last step, found here by step, not by file order."""
+    return max(rows, key=lambda r: r["iter"])[column]
+
+
+# --- what is drawn --------------------------------------------------------------------------------------
+def render(figure):
+    """Draw the figure as saving would (under the module's style), so ticks and legends are laid out."""
+    with matplotlib.rc_context(STYLE):
+        figure.canvas.draw()
+    return figure
+
+
+def labelled_ticks(axis):
+    """The tick labels an axis shows: non-empty, at ticks within its limits."""
+    low, high = sorted(axis.get_view_interval())
+    ticks = zip(list(axis.get_majorticklocs()) + list(axis.get_minorticklocs()),
+                axis.get_majorticklabels() + axis.get_minorticklabels())
+    return [label.get_text() for loc, label in ticks
+            if low <= loc <= high and label.get_text() and label.get_visible()]
+
+
+def inside(inner, outer, slack=0.5):
+    return (inner.x0 >= outer.x0 - slack and inner.y0 >= outer.y0 - slack
+            and inner.x1 <= outer.x1 + slack and inner.y1 <= outer.y1 + slack)
+
+
+def line_labelled(ax, label):
+    found = [line for line in ax.get_lines() if line.get_label() == label]
+    assert len(found) == 1, [line.get_label() for line in ax.get_lines()]
+    return found[0]
+
+
+def box_x(box):
+    x = box.get_path().vertices[:, 0]
+    return [x.min(), x.max()]
+
+
+def box_y(box):
+    y = box.get_path().vertices[:, 1]
+    return y.min(), y.max()
+
+
+def band_colour(ax, x):
+    """The colour of the phase band behind x (None where there is none)."""
+    for patch in ax.patches:
+        if patch.get_x() <= x <= patch.get_x() + patch.get_width():
+            return to_hex(patch.get_facecolor())
+    return None
+
+
+def test_metrics_figure_draws_each_runs_final_values_and_phase(handmade):
+    root, written = handmade
+    runs = sweep_runs(root)
+    figure = render(metrics_figure(runs, phase_table(runs)))
+    elrs = sorted(SWEEP)
+    sweep_rows = [written[str(root / run_name(e))] for e in elrs]
+    for ax, column, unit in zip(figure.axes, ("train_loss", "train_err", "test_err", "gm"), (1, 100, 100, 1)):
+        line = line_labelled(ax, "from init")
+        assert list(line.get_xdata()) == pytest.approx(elrs)
+        assert list(line.get_ydata()) == pytest.approx([unit * final(rows, column) for rows in sweep_rows])
+        for elr, phase in SWEEP.items():
+            assert band_colour(ax, elr) == PHASE_COLORS[phase], (column, elr)
+        for low, high in zip(elrs, elrs[1:]):  # bands meet halfway between ELRs on the log axis
+            border = math.sqrt(low * high)
+            assert band_colour(ax, border * 0.99) == PHASE_COLORS[SWEEP[low]]
+            assert band_colour(ax, border * 1.01) == PHASE_COLORS[SWEEP[high]]
+    child = [rows for path, rows in written.items() if "-ft-" in path][0]
+    fine_tune = line_labelled(figure.axes[0], f"fine-tuned from {run_name(FT_PARENT)} at step {FT_FROM}")
+    assert list(fine_tune.get_ydata()) == pytest.approx([final(child, "train_loss")])
+
+
+def test_metrics_writes_and_prints_the_phase_table(handmade, tmp_path, monkeypatch, capsys):
+    root, written = handmade
+    figure = tmp_path / "final.png"
+    code, out, err = run_cli(monkeypatch, capsys, root, "--kind", "metrics", "--out", figure)
+    assert code == 0 and drawn(figure), err
+    with open(tmp_path / "final-phases.csv") as f:
+        table = {row["run"]: row for row in csv.DictReader(f)}
+    assert set(table) == set(written)
+    for path, rows in written.items():
+        expected = "2" if "-ft-" in path else SWEEP[rows[0]["elr"]]
+        assert table[path]["phase"] == expected, table[path]["evidence"]
+        assert table[path]["evidence"]
+        for column in ("train_loss", "train_err", "test_err", "gm"):
+            assert float(table[path][column]) == pytest.approx(final(rows, column), rel=1e-5)
+        assert int(table[path]["steps"]) == STEPS[-1]
+    assert "1|2 between ELR 0.0003 and 0.003" in out and "2|3 between ELR 0.01 and 0.1" in out
+    assert "fine-tuned from" in out  # the fine-tune is its own line, with its own table
+    assert f"wrote {tmp_path / 'final-phases.csv'}" in err
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The figures `plot` saves, kept for a look at what they hold."""
+    import sphrun.plot
+
+    figures = []
+    save = sphrun.plot.save
+    monkeypatch.setattr(sphrun.plot, "save",
+                        lambda figure, path: figures.append(figure) or save(figure, path))
+    return figures
+
+
+def test_phase_diagram_draws_each_trajectory_by_step(handmade, drawn_figures, tmp_path):
+    root, written = handmade
+    plot([str(root)], "phase", out=str(tmp_path / "phase.png"))
+    ax = render(drawn_figures[0]).axes[0]
+    lines = [(list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines() if len(l.get_xdata()) > 1]
+    parent = written[str(root / run_name(FT_PARENT))]
+    for path, rows in written.items():
+        expected = ([r["train_loss"] for r in rows], [r["gm"] for r in rows])
+        if "-ft-" in path:  # a fine-tune's line starts at its parent's point at the fork
+            fork = [r for r in parent if r["iter"] == FT_FROM][0]
+            expected = ([fork["train_loss"]] + expected[0], [fork["gm"]] + expected[1])
+        assert any(x == pytest.approx(expected[0]) and y == pytest.approx(expected[1])
+                   for x, y in lines), path
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    colour_bar = drawn_figures[0].axes[1]
+    for axis in (ax.xaxis, ax.yaxis, colour_bar.yaxis):
+        assert len(labelled_ticks(axis)) >= 2
+
+
+def test_cosine_figure_draws_the_later_half_of_each_run(handmade):
+    root, written = handmade
+    runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
+    figure = render(cosine_figure(runs))
+    ax = figure.axes[0]
+    middle = STEPS[-1] / 2
+    for slot, elr in enumerate(sorted(SWEEP)):
+        rows = written[str(root / run_name(elr))]
+        later = [r["cos_prev"] for r in rows if r["iter"] >= middle and r["iter"] > 0]
+        box = [b for b in ax.patches if min(box_x(b)) <= slot <= max(box_x(b))]
+        assert len(box) == 1, elr
+        low, high = box_y(box[0])  # the quartiles, and the median across the box
+        assert (low, high) == pytest.approx(tuple(np.percentile(later, [25, 75]))), elr
+        median = [l for l in ax.get_lines() if list(l.get_xdata()) == pytest.approx(box_x(box[0]))]
+        assert len(median) == 1 and median[0].get_ydata()[0] == pytest.approx(np.median(later)), elr
+    assert labelled_ticks(ax.xaxis) == [f"{e:.3g}" for e in sorted(SWEEP)]
+    assert len(labelled_ticks(ax.yaxis)) >= 3
+    axes_width = ax.get_window_extent().width
+    for box in ax.patches:  # boxes a readable width, not lines
+        assert box.get_window_extent().width > 0.05 * axes_width
+
+
+def test_cosine_figure_keeps_its_legend_off_the_plot(handmade):
+    root, _ = handmade
+    figure = render(cosine_figure(sweep_runs(root)))
+    legend = figure.legends[0].get_window_extent()
+    assert inside(legend, figure.bbox)
+    assert not legend.overlaps(figure.axes[0].get_window_extent())
+
+
+def test_cosine_figure_wants_equally_spaced_points(tmp_path, capsys):
+    # the default schedule: one point per epoch up to epoch 10, then log-spaced (13, 16, 20, ...)
+    epochs = list(range(11)) + [13, 16, 20]
+    rows = [dict(handmade_row("2", 1e-2, k % 12), iter=39 * e) for k, e in enumerate(epochs)]
+    write_run(tmp_path / "log", 1e-2, rows, eval_every=None)
+    with pytest.raises(SphrunError, match="not equally spaced.*--eval-every"):
+        cosine_figure([load_run(str(tmp_path / "log"))])
+    write_run(tmp_path / "short", 1e-2, rows[:11], eval_every=None)  # 10 epochs: one epoch apart
+    render(cosine_figure([load_run(str(tmp_path / "short"))]))
+    assert "log-spaced schedule" in capsys.readouterr().err
+
+
+def test_connect_figure_draws_the_csv_columns(tmp_path):
+    folder = tmp_path / "a@100--b@100"
+    folder.mkdir()
+    alphas = [k / 10 for k in range(11)]
+    rows = [{"alpha": a, "train_loss": 0.5 + a * (1 - a), "train_err": 0.1 + a * (1 - a) / 4,
+             "test_loss": 1.1 + a, "test_err": 0.3 + a / 20, "gm": 1.2 + 0.1 * a} for a in alphas]
+    write_csv(folder / "connect.csv", rows)
+    figure = render(draw_connect([str(folder)]))
+    for ax, column, unit in zip(figure.axes, ("train_loss", "train_err", "test_err", "gm"), (1, 100, 100, 1)):
+        line = ax.get_lines()[0]
+        assert list(line.get_xdata()) == pytest.approx(alphas)
+        assert list(line.get_ydata()) == pytest.approx([unit * r[column] for r in rows])
+        if ax.get_yscale() == "log":  # train loss and GM span less than a decade here
+            assert len(labelled_ticks(ax.yaxis)) >= 2, column
+
+
+def test_projection_figure_draws_the_mean_over_steps(handmade):
+    root, written = handmade
+    runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
+    ax = render(projection_figure(runs)).axes[0]
+    line = [l for l in ax.get_lines() if len(l.get_xdata()) == len(SWEEP)][0]
+    # the first row is the start: no step was taken before it
+    means = [100 * np.mean([r["proj_err"] for r in written[str(root / run_name(e))][1:]])
+             for e in sorted(SWEEP)]
+    assert list(line.get_ydata()) == pytest.approx(means)
+
+
+# --- readable figures -------------------------------------------------------------------------------
+@pytest.mark.parametrize("low, high", [(11, 19), (0.95, 1.05), (0.6, 1.4), (1.5, 2.5), (12, 35), (2, 15),
+                                       (3, 500), (1e-5, 3e-5), (5e4, 9e4), (1e-7, 1e5)])
+def test_every_log_axis_has_labelled_ticks(low, high):
+    with matplotlib.rc_context(STYLE):
+        figure, axes = new_figure()
+    ax = axes[0, 0]
+    ax.plot([0, 1], [low, high])
+    set_scale(ax, "y", [low, high])
+    render(figure)
+    assert ax.get_yscale() == "log"
+    labels = labelled_ticks(ax.yaxis)
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+
+
+@pytest.mark.parametrize("labels", [
+    ["from init", "fine-tuned from " + "cifar10-convnet32-ce-elr0.0005-s0-bdd2eb58-ft-elr5e-05-from7800" * 2],
+    [f"fine-tuned from run{k} at step {k * 1000}" for k in range(6)],
+    ["phase 1", "phase 2", "phase 3"],
+])
+def test_figure_legends_stay_inside_the_figure(labels):
+    with matplotlib.rc_context(STYLE):  # as the figures are drawn
+        figure, axes = new_figure(2, 2, height=3.3)
+        handles = [axes[0, 0].plot([1, 2], [k, k + 1], label=label)[0] for k, label in enumerate(labels)]
+        legend = figure_legend(figure, handles)
+    render(figure)
+    assert inside(legend.get_window_extent(), figure.bbox)
+    for ax in axes.flat:  # below the panels, not over them
+        assert not legend.get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_metrics_figure_axes_are_labelled_and_its_legend_fits(handmade):
+    root, _ = handmade
+    runs = sweep_runs(root)
+    figure = render(metrics_figure(runs, phase_table(runs)))
+    for ax in figure.axes:
+        assert len(labelled_ticks(ax.xaxis)) >= 2 and len(labelled_ticks(ax.yaxis)) >= 2, ax.get_ylabel()
+    legend = figure.legends[0]
+    assert inside(legend.get_window_extent(), figure.bbox)
+    assert any("fine-tuned from" in t.get_text() for t in legend.get_texts())
+
+
+# --- every kind from tiny real runs -------------------------------------------------------------------
 ELRS = (1e-3, 3e-2, 1.0)
 TINY_RUN = dict(dataset="synthetic", subset=256, width=4, batch_size=32, iters=20, eval_every=5, device="cpu")
 FORK = 10
@@ -65,7 +381,8 @@ def write_csv(path, rows):
 
 
 def drawn(path):
-    """True when the file is an image with something on it (not one flat colour)."""
+    """True when the file is an image with something on it (not one flat colour); what is drawn is
+    checked on the figure's artists above."""
     pixels = matplotlib.image.imread(path)
     return os.path.getsize(path) > 0 and pixels.ndim == 3 and float(np.ptp(pixels[..., :3])) > 0
 
@@ -105,28 +422,25 @@ def test_default_names_beside_the_runs(sweep, monkeypatch, capsys):
     assert code == 0 and drawn(sweep / "runs" / "elr1-phase.png")
 
 
-def test_metrics_prints_and_writes_the_phase_table(sweep, tmp_path, monkeypatch, capsys):
-    figure = tmp_path / "final.png"
-    code, out, err = run_cli(monkeypatch, capsys, sweep / "runs", "--kind", "metrics", "--out", figure)
-    assert code == 0 and drawn(figure)
-    with open(tmp_path / "final-phases.csv") as f:
-        table = list(csv.DictReader(f))
-    assert len(table) == len(ELRS) + 1  # the sweep and the fine-tune
-    for row in table:
-        run = load_run(row["run"])
-        assert row["phase"] == classify(run.rows, 10).phase
-        assert float(row["train_err"]) == pytest.approx(run.rows[-1]["train_err"], rel=1e-5)
-    for elr in ELRS:
-        assert f"{elr:.3g}" in out
-    assert "fine-tuned from" in out  # the fine-tune is its own line, with its own table
-
-
 def test_phase_diagram_with_curvature_columns(sweep, tmp_path):
-    assert drawn(plot([str(sweep / "runs")], "phase", out=str(tmp_path / "a.png"), y="hessian_eig"))
-    out = plot([str(sweep / "runs")], "curvature", out=str(tmp_path / "b.png"), x="gm", y="fisher-trace")
-    assert drawn(out)
+    runs = sweep_runs(sweep / "runs")
+    ax = render(phase_figure(runs, "gm", "fisher-trace")).axes[0]
+    trajectories = [list(l.get_ydata()) for l in ax.get_lines() if len(l.get_xdata()) > 1]
+    for run in runs:  # curvature.csv has fisher-trace = 3 GM at every step of the run
+        assert any(y == pytest.approx([3 * r["gm"] for r in run.rows]) for y in trajectories), run.path
     with pytest.raises(SphrunError, match="no column nosuch"):
         plot([str(sweep / "runs")], "phase", out=str(tmp_path / "c.png"), y="nosuch")
+
+
+def test_curvature_kind_leaves_out_runs_without_curvature(sweep, tmp_path, monkeypatch, capsys):
+    for name in ("elr0.001", "elr1"):
+        copy_run(sweep / "runs" / name, tmp_path / "runs" / name)
+    os.remove(tmp_path / "runs" / "elr1" / "curvature.csv")
+    code, _, err = run_cli(monkeypatch, capsys, tmp_path / "runs", "--kind", "curvature")
+    assert code == 0 and drawn(tmp_path / "runs" / "curvature.png")
+    assert f"note: {tmp_path / 'runs' / 'elr1'} has no curvature.csv" in err
+    measured = with_curvature(sweep_runs(tmp_path / "runs"))
+    assert [r.path for r in measured] == [str(tmp_path / "runs" / "elr0.001")]
 
 
 def test_fine_tune_continues_from_its_parent_at_the_fork(sweep):
@@ -153,7 +467,9 @@ def test_mixed_losses_are_drawn_together(sweep, tmp_path):
     copy_run(sweep / "runs" / "elr0.001", runs / "a")
     copy_run(sweep / "runs" / "elr1", runs / "b")
     set_setting(runs / "b", loss="mse")
-    assert drawn(plot([str(runs)], "phase", out=str(tmp_path / "mixed.png")))
+    ax = render(phase_figure(sweep_runs(runs))).axes[0]
+    markers = {l.get_marker() for l in ax.get_lines() if len(l.get_xdata()) == 1}
+    assert {"o", "s"} <= markers  # one marker shape per loss
 
 
 def test_runs_from_an_older_sphrun_join_the_same_line(sweep, tmp_path):
@@ -192,11 +508,12 @@ def bad_inputs(sweep, tmp):
         "no runs": ([tmp / "empty"], [], "no sphrun runs in"),
         "no metrics.csv": ([tmp / "nometrics"], [], "has no metrics.csv"),
         "missing column": ([tmp / "nocos"], ["--kind", "cosine"], "has no column cos_prev"),
+        "missing column in the table": ([tmp / "nocos"], ["--kind", "metrics"], "has no column cos_prev"),
         "two data sets": ([tmp / "mixed"], [], "different data sets"),
         "unknown kind": ([runs], ["--kind", "loss"], "unknown kind 'loss'"),
         "unknown extension": ([runs], ["--out", tmp / "x.jpg"], "must end in .png, .svg, .pdf"),
         "uneven spacing": ([tmp / "uneven"], ["--kind", "cosine"], "not equally spaced"),
-        "no curvature.csv": ([tmp / "nocos"], ["--kind", "curvature"], "no curvature.csv"),
+        "no curvature.csv": ([tmp / "nocos"], ["--kind", "curvature"], "no run has a curvature.csv"),
         "not a folder": ([tmp / "missing"], [], "is not a directory"),
     }
 

@@ -115,6 +115,7 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, monkeypatch):
     assert [r["iter"] for r in single.read_metrics()] == [0, 4, 8]
 
 
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
 def test_curvature_runs_on_another_device(tmp_path, tiny, monkeypatch):
     """(connect is left out: BatchNorm's cumulative average, which it recomputes with, reads a count
     from the device, which the meta device cannot give.)"""

@@ -26,15 +26,16 @@ def assert_same_run(a, b):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("step", ["sgd", "random"])
-def test_a_pack_of_elrs_and_seeds_is_its_single_runs(tmp_path, cli, step):
-    code, err = cli("train", "--elr", "1e-3,1e-2", "--seed", "0:3", "--step", step, *SMALL_ARGS,
+@pytest.mark.parametrize("step, seeds", [("sgd", 3), ("random", 2)])
+def test_a_pack_of_elrs_and_seeds_is_its_single_runs(tmp_path, cli, step, seeds):
+    code, err = cli("train", "--elr", "1e-3,1e-2", "--seed", f"0:{seeds}", "--step", step, *SMALL_ARGS,
                     "--out", tmp_path / "pack")
     assert code == 0, err
-    assert "6 runs packed (ELRs 0.001, 0.01; seeds 0, 1, 2; data seed 0)" in err and "pass" not in err
-    assert len(os.listdir(tmp_path / "pack")) == 6
+    listed = ", ".join(map(str, range(seeds)))
+    assert f"{2 * seeds} runs packed (ELRs 0.001, 0.01; seeds {listed}; data seed 0)" in err and "pass" not in err
+    assert len(os.listdir(tmp_path / "pack")) == 2 * seeds
     for elr in (1e-3, 1e-2):
-        for seed in (0, 1, 2):
+        for seed in range(seeds):
             config = TrainConfig(**SMALL, elr=elr, seed=seed, step=step)
             single, _ = train(config, tmp_path / f"single-{elr}-{seed}")
             assert_same_run(tmp_path / "pack" / config.default_run_name(), single.path)

@@ -243,6 +243,7 @@ def full_settings(run):
 
 
 def seed_order(run):
+    """Runs of a group by init seed, then data seed (s0, s1, ... in the table)."""
     settings = full_settings(run)
     return settings["seed"], settings["data_seed"], run.path
 

@@ -324,12 +324,22 @@ def plot(
                                                "or curvature.csv. (default: train_loss)"),
     y: Optional[str] = typer.Option(None, help="phase and curvature kinds: the y column. (default: gm; for "
                                                "curvature the first measure in curvature.csv)"),
+    aggregate: bool = typer.Option(True, "--aggregate/--no-aggregate",
+                                   help="Runs that differ only in their seeds (--seed, --data-seed) form one "
+                                        "group: metrics draws the mean over the seeds with a band from the "
+                                        "lowest to the highest seed (min-max), cosine pools their cosines in "
+                                        "one box per ELR, phase draws one line per seed in the group's colour, "
+                                        "and the phase table has one row per group. --no-aggregate draws "
+                                        "every run alone."),
 ):
     """Draw the paper's figures from run directories, and tell which phase each run is in.
 
-    --kind metrics prints, and writes as CSV beside the figure, each run's ELR, final metrics, phase and
-    the evidence. The phase is read from the later half of the run (evaluation points at or after its
-    middle step), the rules tried in this order:
+    --kind metrics prints, and writes as CSV beside the figure, one row per group of seeds (per ELR, and
+    per loss or parent where lines differ): the number of seeds, the phase of each, the majority phase
+    with how many seeds have it (agreement, e.g. 2 (3/3); a tie is undecided), the mean and standard
+    deviation over the seeds of the final metrics, and the evidence. Borders between phases are taken
+    between groups by their majority phase. The phase of a run is read from its later half (evaluation
+    points at or after its middle step), the rules tried in this order:
 
     3 (divergence): the train error stays at chance, at least 90 % of 1 - 1/C at every point, and
     neighbouring checkpoints are uncorrelated, median |cos_prev| under 0.2.
@@ -346,7 +356,7 @@ def plot(
     """
     from sphrun.plot import plot as draw
 
-    message(f"wrote {draw(paths, kind, out=out, x=x, y=y)}")
+    message(f"wrote {draw(paths, kind, out=out, x=x, y=y, aggregate=aggregate)}")
 
 
 @app.command()

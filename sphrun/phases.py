@@ -25,6 +25,7 @@ import csv
 import io
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,26 +189,69 @@ def in_paper_order(elrs, phases):
     return decided == sorted(decided)
 
 
-# --- the phase table: one row per run, printed and written beside the metrics figure -------------------
+# --- the phase table: one row per group of seeds, printed and written beside the metrics figure -------
 TABLE_NEEDS = ("train_loss", "train_err", "test_err", "gm", "cos_prev")
+FINAL_METRICS = ("train_loss", "train_err", "test_err", "gm")
 
 
-def phase_table(runs):
-    """One row per run (objects with path, elr, loss, num_classes and rows by step): its ELR, final
-    metrics, phase and the evidence for it."""
-    table = []
-    for run in runs:
-        missing = [c for c in TABLE_NEEDS if c not in run.rows[0]]
-        if missing:
-            raise SphrunError(f"{os.path.join(run.path, 'metrics.csv')} has no column {', '.join(missing)} "
-                              f"(it has {', '.join(sorted(run.rows[0]))})")
-        verdict = classify(run.rows, run.num_classes)
-        last = max(run.rows, key=lambda r: r["iter"])
-        table.append({"run": run.path, "elr": run.elr, "loss": run.loss, "steps": last["iter"],
-                      "train_loss": last["train_loss"], "train_err": last["train_err"],
-                      "test_err": last["test_err"], "gm": last["gm"], "phase": verdict.phase,
-                      "evidence": verdict.evidence})
-    return table
+def checked_rows(run):
+    """The run's metrics rows, refused in one line when a column the table reads is missing."""
+    missing = [c for c in TABLE_NEEDS if c not in run.rows[0]]
+    if missing:
+        raise SphrunError(f"{os.path.join(run.path, 'metrics.csv')} has no column {', '.join(missing)} "
+                          f"(it has {', '.join(sorted(run.rows[0]))})")
+    return run.rows
+
+
+def seed_names(runs):
+    """'s0', 's1', ... for each run; 's0/d1' (init seed / data seed) when the data seeds differ too."""
+    data_seeds = {r.settings.get("data_seed", 0) for r in runs}
+    return [f"s{r.settings.get('seed', 0)}" + (f"/d{r.settings.get('data_seed', 0)}" if len(data_seeds) > 1 else "")
+            for r in runs]
+
+
+def agreement(phases):
+    """(the phase most seeds have, how many: '2 (3/3)'); a tie at the top is undecided, '1 or 2 (1/2 each)'."""
+    counts = Counter(phases)
+    top = max(counts.values())
+    leaders = sorted(p for p, n in counts.items() if n == top)
+    if len(leaders) > 1:
+        return UNDECIDED, f"{' or '.join(leaders)} ({top}/{len(phases)} each)"
+    return leaders[0], f"{leaders[0]} ({top}/{len(phases)})"
+
+
+def spread(values):
+    """(mean, sample standard deviation) over the seeds; the deviation is None for a single seed."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+def group_row(label, runs):
+    """The table's row for one group of runs that differ only in their seeds."""
+    verdicts = [classify(checked_rows(run), run.num_classes) for run in runs]
+    finals = [max(run.rows, key=lambda r: r["iter"]) for run in runs]
+    names = seed_names(runs)
+    phases = [v.phase for v in verdicts]
+    majority, agreed = agreement(phases)
+    steps = sorted({int(f["iter"]) for f in finals})
+    row = {"series": label or "", "elr": runs[0].elr, "loss": runs[0].loss, "seeds": len(runs),
+           "phase": majority, "agreement": agreed,
+           "phases": " ".join(f"{n}:{p}" for n, p in zip(names, phases)),
+           "steps": steps[0] if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"}
+    for column in FINAL_METRICS:
+        row[column], row[f"{column}_std"] = spread([f[column] for f in finals])
+    row["runs"] = ";".join(run.path for run in runs)
+    row["evidence"] = verdicts[0].evidence if len(runs) == 1 else " | ".join(
+        f"{n}: {v.evidence}" for n, v in zip(names, verdicts))
+    return row
+
+
+def phase_table(series):
+    """One row per group of runs that differ only in their seeds: its ELR, number of seeds, the phase of
+    each, their agreement, and the mean and std of the final metrics. `series`: the lines against the
+    ELR as (label or None, groups by ELR), each group a list of runs (path, elr, loss, settings,
+    num_classes and rows by step)."""
+    return [group_row(label, group) for label, groups in series for group in groups]
 
 
 def table_path_for(figure_path):
@@ -216,6 +260,7 @@ def table_path_for(figure_path):
 
 
 def write_table(table, path):
+    """The table as CSV; a std is empty where a group has a single seed."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
     writer.writeheader()
@@ -224,25 +269,48 @@ def write_table(table, path):
     write_text(path, buffer.getvalue())
 
 
-def print_table(table, groups):
-    """The table on stdout, one block per line against the ELR (groups: (label or None, run paths)),
-    each with its borders between phases and a note when they are out of the paper's order."""
+def with_std(row, column, digits):
+    """'mean +- std' of a final metric, the mean alone for a single seed."""
+    mean, std = row[column], row[f"{column}_std"]
+    return f"{mean:.{digits}}" if std is None else f"{mean:.{digits}} ± {std:.{digits}}"
+
+
+def short_evidence(row):
+    """A single run's evidence in full; for several seeds the rule that decided each, seeds with the same
+    rule together (the measurements are in the CSV), so the row stays readable."""
+    if row["seeds"] == 1:
+        return row["evidence"]
+    by_rule = {}
+    for part in row["evidence"].split(" | "):
+        name, evidence = part.split(": ", 1)
+        by_rule.setdefault(evidence.split(";")[0], []).append(name)
+    return " | ".join(f"{' '.join(names)}: {rule}" for rule, names in by_rule.items())
+
+
+def print_table(table):
+    """The table on stdout, one block per line against the ELR, each with the borders between its groups'
+    majority phases and a note when they are out of the paper's order."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    if not console.is_terminal:  # a log file or a pipe: one line per run, however long
+    if not console.is_terminal:  # a log file or a pipe: one line per group, however long
         console = Console(width=250)
-    by_run = {row["run"]: row for row in table}
-    for label, paths in groups:
-        rows = sorted((by_run[p] for p in paths), key=lambda row: row["elr"])
-        shown = Table(title=label, show_edge=False, pad_edge=False)
-        for heading in ("ELR", "train loss", "train err", "test err", "GM", "phase", "evidence"):
+    for label in dict.fromkeys(row["series"] for row in table):
+        rows = sorted((row for row in table if row["series"] == label), key=lambda row: row["elr"])
+        shown = Table(title=label or None, show_edge=False, pad_edge=False)
+        for heading in ("ELR", "seeds", "train loss", "train err", "test err", "GM", "phase", "per seed",
+                        "evidence"):
             shown.add_column(heading, justify="left" if heading == "evidence" else "right", overflow="fold")
         for row in rows:
-            shown.add_row(f"{row['elr']:.3g}", f"{row['train_loss']:.4g}", f"{row['train_err']:.3f}",
-                          f"{row['test_err']:.3f}", f"{row['gm']:.4g}", row["phase"], row["evidence"])
+            shown.add_row(f"{row['elr']:.3g}", str(row["seeds"]), with_std(row, "train_loss", "4g"),
+                          with_std(row, "train_err", "3f"), with_std(row, "test_err", "3f"),
+                          with_std(row, "gm", "4g"), row["agreement"], row["phases"], short_evidence(row))
         console.print(shown)
+        uneven = [row for row in rows if isinstance(row["steps"], str)]
+        if uneven:
+            console.print("note: the seeds of ELR " + ", ".join(f"{row['elr']:.3g}" for row in uneven)
+                          + " end at different steps; their final metrics are averaged as they are")
         elrs, phases = [row["elr"] for row in rows], [row["phase"] for row in rows]
         found = borders(elrs, phases)
         if found:
@@ -253,8 +321,8 @@ def print_table(table, groups):
                           "grows, each one contiguous block)")
 
 
-def report_phases(table, groups, csv_path):
+def report_phases(table, csv_path):
     """Print the table and write it as CSV (what `sphrun plot --kind metrics` does after its figure)."""
-    print_table(table, groups)
+    print_table(table)
     write_table(table, csv_path)
     message(f"wrote {csv_path}")

@@ -25,7 +25,7 @@ from matplotlib.ticker import Formatter, Locator, LogLocator, MaxNLocator, NullF
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.phases import UNDECIDED, classify, phase_table, report_phases, table_path_for
+from sphrun.phases import UNDECIDED, agreement, classify, phase_table, report_phases, table_path_for
 from sphrun.progress import message
 from sphrun.rundir import RunDir, atomic_write
 
@@ -59,6 +59,9 @@ NOT_SERIES = ("elr", "epochs", "iters", "eval_every", "keep", "device", "data_di
 PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
 LEGEND_WRAP = 50  # characters of a legend label per line: about the width of the figure at 6 pt
 BOX_SLOT = 0.8  # of the room between neighbouring ELRs on the cosine figure, shared by their boxes
+SEEDS = ("seed", "data_seed")  # runs that differ only in these form one group, drawn as their mean
+MAX_LINEAGE = 20  # fine-tunes of fine-tunes followed up this far (ends a loop of copied run folders)
+BAND_ALPHA = 0.25  # the min-max band over seeds, in its line's colour
 
 
 # --- reading runs ------------------------------------------------------------------------------------
@@ -168,32 +171,163 @@ def read_curvature(run, required=True):
     return [{"iter": it, **values} for it, values in sorted(measured.items())]
 
 
-def parent_rows(run, runs_by_path):
-    """(the parent's path, its metrics rows up to the fork) for a fine-tune whose parent can be read,
-    else (None, None)."""
+def find_parent(run, runs_by_path):
+    """A fine-tune's parent as a Run: among the runs given, else read from disk; None when not readable."""
     parent = run.parent
     if not isinstance(parent, dict) or "run" not in parent:
-        return None, None
+        return None
     # recorded relative to where the fine-tune was started: try there, then beside the fine-tune
     named = str(parent["run"])
     candidates = [named, os.path.join(os.path.dirname(run.path), os.path.basename(os.path.normpath(named)))]
     for candidate in candidates:
         key = os.path.normpath(str(candidate))
         if key in runs_by_path:
-            source = runs_by_path[key]
-            break
+            return runs_by_path[key]
         if os.path.isfile(os.path.join(key, "metrics.csv")):
             try:
-                source = load_run(key)
+                return load_run(key)
             except SphrunError:
                 continue
-            break
-    else:
-        message(f"note: the parent {parent['run']} of fine-tune {run.path} is not readable; "
+    return None
+
+
+def parent_rows(run, runs_by_path):
+    """(the parent's path, its metrics rows up to the fork) for a fine-tune whose parent can be read,
+    else (None, None)."""
+    if not isinstance(run.parent, dict) or "run" not in run.parent:
+        return None, None
+    source = find_parent(run, runs_by_path)
+    if source is None:
+        message(f"note: the parent {run.parent['run']} of fine-tune {run.path} is not readable; "
                 f"its line starts at the fork alone")
         return None, None
-    fork = int(parent.get("iter", run.rows[0]["iter"]))
-    return key, [r for r in source.rows if r["iter"] <= fork] or None
+    fork = int(run.parent.get("iter", run.rows[0]["iter"]))
+    return os.path.normpath(source.path), [r for r in source.rows if r["iter"] <= fork] or None
+
+
+# --- groups of seeds, lines against the ELR ------------------------------------------------------------
+class Group:
+    """Runs that differ only in their seeds (init and data seed): one point against the ELR, one box, one
+    row of the phase table. Without aggregation every run is a group of one."""
+
+    def __init__(self, runs):
+        self.runs = sorted(runs, key=seed_order)
+
+    @property
+    def elr(self):
+        return self.runs[0].elr
+
+    @property
+    def loss(self):
+        return self.runs[0].loss
+
+    @property
+    def parent(self):
+        return self.runs[0].parent
+
+    @property
+    def key(self):
+        """The group's runs as the phase table names them (its `runs` column)."""
+        return ";".join(run.path for run in self.runs)
+
+    def finals(self, column):
+        """The column's value at each run's last evaluation point, by seed."""
+        return np.array([max(run.rows, key=lambda r: r["iter"])[column] for run in self.runs], dtype=float)
+
+
+def full_settings(run):
+    """The run's settings, with today's default for a setting its (older) config.json lacks."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **run.settings}
+
+
+def seed_order(run):
+    """Runs of a group by init seed, then data seed (s0, s1, ... in the table)."""
+    settings = full_settings(run)
+    return settings["seed"], settings["data_seed"], run.path
+
+
+def series_key(run, aggregate=True, runs_by_path=None, depth=0):
+    """What sets a run's line against the ELR apart: its settings but the ELR, the run's length and where
+    it ran (and its seeds when `aggregate`), and for a fine-tune its parent and fork."""
+    ignored = NOT_SERIES + SEEDS if aggregate else NOT_SERIES
+    settings = tuple(sorted((k, repr(v)) for k, v in full_settings(run).items() if k not in ignored))
+    return settings, lineage_key(run, aggregate, runs_by_path or {}, depth)
+
+
+def lineage_key(run, aggregate, runs_by_path, depth):
+    """None for a run from init; else the fork's step and the parent: its recorded path, or, when seeds
+    are aggregated and it can be read, its own line and ELR, so that the fine-tunes of the seeds of one
+    setting share a line (and a group at each ELR)."""
+    parent = run.parent if isinstance(run.parent, dict) else None
+    if not parent:
+        return None
+    source = find_parent(run, runs_by_path) if aggregate and depth < MAX_LINEAGE else None
+    if source is None:
+        return str(parent.get("run")), parent.get("iter")
+    return series_key(source, aggregate, runs_by_path, depth + 1), source.elr, parent.get("iter")
+
+
+def group_series(runs, aggregate=True):
+    """The runs as lines against the ELR, each a list of Groups by increasing ELR, the line with the most
+    ELRs first. Runs that differ only in their seeds form one group; without `aggregate`, each its own."""
+    runs_by_path = {os.path.normpath(r.path): r for r in runs}
+    lines = {}
+    for run in runs:
+        groups = lines.setdefault(series_key(run, aggregate, runs_by_path), {})
+        groups.setdefault(run.elr if aggregate else run.path, []).append(run)
+    series = [sorted((Group(g) for g in groups.values()), key=lambda g: (g.elr, g.runs[0].path))
+              for groups in lines.values()]
+    return sorted(series, key=lambda line: (-len(line), line[0].loss, line[0].runs[0].path))
+
+
+def note_repeated_seeds(series):
+    """Say so when two runs of a group have the same seeds (the same run trained twice, for another
+    length or into another folder): both count in its mean."""
+    for line in series:
+        for group in line:
+            seeds = [seed_order(run)[:2] for run in group.runs]
+            if len(set(seeds)) < len(seeds):
+                message(f"note: runs with the same seeds at ELR {elr_text(group.elr)} are averaged as if "
+                        f"they were different seeds: {', '.join(group.key.split(';'))}")
+
+
+def series_label(line, series):
+    """What tells this line apart: the loss when losses differ, the parent for fine-tunes, and the
+    settings that are the same along each line but differ between lines."""
+    first = line[0].runs[0]
+    parts = []
+    if len({other[0].loss for other in series}) > 1:
+        parts.append(LOSS_NAMES.get(first.loss, first.loss))
+    if first.parent:
+        parents = {str(run.parent.get("run")) for group in line for run in group.runs}
+        parts.append(f"fine-tuned from {os.path.basename(str(first.parent.get('run')))} "
+                     f"at step {first.parent.get('iter')}"
+                     + (f" (and {len(parents) - 1} other seeds' runs)" if len(parents) > 1 else ""))
+    constant = [constant_settings(other) for other in series]
+    differing = [k for k in constant[0] if k not in NOT_SERIES + ("loss",)
+                 and all(k in c for c in constant) and len({c[k] for c in constant}) > 1]
+    parts += [f"{k}={full_settings(first).get(k)}" for k in differing]
+    return ", ".join(parts) or "from init"
+
+
+def constant_settings(line):
+    """{setting: repr of its value} of the settings every run of the line shares (seeds of a line of
+    aggregated groups vary along it, so they name no line)."""
+    settings = [full_settings(run) for group in line for run in group.runs]
+    return {k: repr(v) for k, v in settings[0].items() if all(repr(s.get(k)) == repr(v) for s in settings)}
+
+
+def labelled_series(series):
+    """(label, the groups' runs) per line, as sphrun.phases.phase_table wants; no label for a single line."""
+    return [(series_label(line, series) if len(series) > 1 else None, [group.runs for group in line])
+            for line in series]
+
+
+def group_table(runs, aggregate=True):
+    """The phase table of the runs: one row per group of seeds (per run without `aggregate`)."""
+    return phase_table(labelled_series(group_series(runs, aggregate)))
 
 
 # --- figure helpers ----------------------------------------------------------------------------------
@@ -458,51 +592,60 @@ def needs_curvature(run, columns):
 
 
 @styled
-def phase_figure(runs, x="train_loss", y="gm"):
-    """Trajectories of (x, y) over the evaluation points, one per run, log-log, coloured by ELR
-    (figures 1, 16, 19; with curvature.csv columns figures 22, 23). Fine-tunes are dashed and start from
-    their parent's point at the fork."""
+def phase_figure(runs, x="train_loss", y="gm", aggregate=True):
+    """Trajectories of (x, y) over the evaluation points, one per run, log-log, each group of seeds in the
+    colour of its ELR (figures 1, 16, 19; with curvature.csv columns figures 22, 23). Fine-tunes are
+    dashed and start from their parent's point at the fork."""
     by_path = {os.path.normpath(r.path): r for r in runs}
-    norm = elr_norm([r.elr for r in runs])
-    cmap = ScalarMappable(norm=norm, cmap=ELR_COLORS)
+    cmap = ScalarMappable(norm=elr_norm([r.elr for r in runs]), cmap=ELR_COLORS)
     figure, axes = new_figure(height=2.7)
     ax = axes[0, 0]
     all_x, all_y, orphan_parents = [], [], set()
-    for run in runs:
-        curvature = read_curvature(run, required=False) if needs_curvature(run, (x, y)) else None
-        points = trajectory(run, run.rows, x, y, curvature)
-        parent_path, fork = parent_rows(run, by_path) if run.parent else (None, None)
-        if fork and x in fork[-1] and y in fork[-1]:
-            parent_point = (fork[-1][x], fork[-1][y])
-            if not points or points[0] != parent_point:
-                points = [parent_point] + points
-            if parent_path not in by_path and parent_path not in orphan_parents:  # draw the lineage faintly
-                orphan_parents.add(parent_path)
-                ax.plot(shown(x, [r[x] for r in fork]), shown(y, [r[y] for r in fork]), color="0.6",
-                        linewidth=0.7, zorder=1)
-        if not points:
-            continue
-        px, py = shown(x, [p[0] for p in points]), shown(y, [p[1] for p in points])
-        all_x += list(px)
-        all_y += list(py)
-        color = cmap.to_rgba(run.elr)
-        marker = LOSS_MARKERS.get(run.loss, "o")
-        ax.plot(px, py, color=color, linestyle="--" if run.parent else "-", zorder=2)
-        ax.plot(px[:1], py[:1], marker=marker, markerfacecolor="white", markeredgecolor=color,
-                linestyle="none", zorder=3)
-        ax.plot(px[-1:], py[-1:], marker=marker, color=color, linestyle="none", zorder=3)
+    series = group_series(runs, aggregate)
+    for group in (group for line in series for group in line):
+        color = cmap.to_rgba(group.elr)  # the group's colour: its seeds read as one bundle
+        for run in group.runs:
+            points = run_points(ax, run, x, y, by_path, orphan_parents)
+            if not points:
+                continue
+            px, py = shown(x, [p[0] for p in points]), shown(y, [p[1] for p in points])
+            all_x += list(px)
+            all_y += list(py)
+            marker = LOSS_MARKERS.get(run.loss, "o")
+            ax.plot(px, py, color=color, linestyle="--" if run.parent else "-", zorder=2)
+            ax.plot(px[:1], py[:1], marker=marker, markerfacecolor="white", markeredgecolor=color,
+                    linestyle="none", zorder=3)
+            ax.plot(px[-1:], py[-1:], marker=marker, color=color, linestyle="none", zorder=3)
     losses = [r.loss for r in runs]
     ax.set_xlabel(axis_label(x, losses))
     ax.set_ylabel(axis_label(y, losses))
     set_scale(ax, "x", all_x, log=x not in ("cos_prev", "cos_init"))
     set_scale(ax, "y", all_y, log=y not in ("cos_prev", "cos_init"))
     figure.colorbar(cmap, ax=ax, label="ELR")
-    ax.legend(handles=phase_legend(runs, bool(orphan_parents)), frameon=False, loc="best")
+    seeds = max(len(group.runs) for line in series for group in line)
+    ax.legend(handles=phase_legend(runs, bool(orphan_parents), seeds), frameon=False, loc="best")
     ax.set_title(title(runs))
     return figure
 
 
-def phase_legend(runs, parents_drawn=False):
+def run_points(ax, run, x, y, by_path, orphan_parents):
+    """The run's (x, y) points by step; a fine-tune's start at its parent's point at the fork, and the
+    parent's path to the fork drawn faintly once when the parent is not among the runs drawn."""
+    curvature = read_curvature(run, required=False) if needs_curvature(run, (x, y)) else None
+    points = trajectory(run, run.rows, x, y, curvature)
+    parent_path, fork = parent_rows(run, by_path) if run.parent else (None, None)
+    if fork and x in fork[-1] and y in fork[-1]:
+        parent_point = (fork[-1][x], fork[-1][y])
+        if not points or points[0] != parent_point:
+            points = [parent_point] + points
+        if parent_path not in by_path and parent_path not in orphan_parents:
+            orphan_parents.add(parent_path)
+            ax.plot(shown(x, [r[x] for r in fork]), shown(y, [r[y] for r in fork]), color="0.6",
+                    linewidth=0.7, zorder=1)
+    return points
+
+
+def phase_legend(runs, parents_drawn=False, seeds=1):
     handles = [Line2D([], [], marker="o", markerfacecolor="white", markeredgecolor="0.3", color="0.3",
                       linestyle="none", label="start"),
                Line2D([], [], marker="o", color="0.3", linestyle="none", label="end")]
@@ -514,49 +657,12 @@ def phase_legend(runs, parents_drawn=False):
         handles.append(Line2D([], [], color="0.3", linestyle="--", label="fine-tune"))
     if parents_drawn:
         handles.append(Line2D([], [], color="0.6", linewidth=0.7, label="its parent, to the fork"))
+    if seeds > 1:
+        handles.append(Line2D([], [], color="0.3", label=f"one line per seed (up to {seeds} per ELR)"))
     return handles
 
 
 # --- final metrics and phases against the ELR -----------------------------------------------------------
-def full_settings(run):
-    """The run's settings, with today's default for a setting its (older) config.json lacks."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    return {**defaults, **run.settings}
-
-
-def series_key(run):
-    """Runs drawn as one line against the ELR: same settings but the ELR and the run's length."""
-    settings = tuple(sorted((k, repr(v)) for k, v in full_settings(run).items() if k not in NOT_SERIES))
-    parent = run.parent if isinstance(run.parent, dict) else None
-    return settings, (str(parent.get("run")), parent.get("iter")) if parent else None
-
-
-def group_series(runs):
-    groups = {}
-    for run in runs:
-        groups.setdefault(series_key(run), []).append(run)
-    series = [sorted(g, key=lambda r: r.elr) for g in groups.values()]
-    return sorted(series, key=lambda g: (-len(g), g[0].loss, g[0].path))
-
-
-def series_label(series, all_series):
-    """What tells this line apart: the loss when losses differ, the parent for fine-tunes, else the
-    settings that differ between lines."""
-    first = series[0]
-    parts = []
-    if len({s[0].loss for s in all_series}) > 1:
-        parts.append(LOSS_NAMES.get(first.loss, first.loss))
-    if first.parent:
-        parts.append(f"fine-tuned from {os.path.basename(str(first.parent.get('run')))} "
-                     f"at step {first.parent.get('iter')}")
-    settings = [full_settings(s[0]) for s in all_series]
-    differing = [k for k in settings[0] if k not in NOT_SERIES + ("loss",)
-                 and len({repr(s.get(k)) for s in settings}) > 1]
-    parts += [f"{k}={full_settings(first).get(k)}" for k in differing]
-    return ", ".join(parts) or "from init"
-
-
 def shade_phases(ax, series_rows):
     """Background bands of each run's phase, split at the geometric midpoints between neighbouring ELRs."""
     elrs = [r["elr"] for r in series_rows]
@@ -586,23 +692,20 @@ def figure_legend(figure, handles, labels=None):
 
 
 @styled
-def metrics_figure(runs, table):
-    """Final train loss, train error, test error and GM against the ELR (figures 2, 18, 20), the phase
-    of each run (the rows of `table`, from sphrun.phases) shaded behind the line with the most runs."""
-    by_run = {row["run"]: row for row in table}
-    series = group_series(runs)
+def metrics_figure(runs, table, aggregate=True):
+    """Final train loss, train error, test error and GM against the ELR (figures 2, 18, 20): one point per
+    group of seeds at their mean, a band from the lowest to the highest seed, and behind the line with
+    the most ELRs each group's majority phase (the rows of `table`, from group_table)."""
+    by_group = {row["runs"]: row for row in table}
+    series = group_series(runs, aggregate)
     figure, axes = new_figure(2, 2, height=3.3)
     losses = [r.loss for r in runs]
-    shaded = [by_run[r.path] for r in series[0]]
+    shaded = [by_group[group.key] for group in series[0]]
     for ax, column in zip(axes.flat, ("train_loss", "train_err", "test_err", "gm")):
         shade_phases(ax, shaded)
         values = []
-        for group in series:
-            rows = [by_run[r.path] for r in group]
-            y = shown(column, [row[column] for row in rows])
-            ax.plot([row["elr"] for row in rows], y, marker=LOSS_MARKERS.get(group[0].loss, "o"),
-                    linestyle="--" if group[0].parent else "-", label=series_label(group, series))
-            values += list(y)
+        for line in series:
+            values += draw_mean_and_band(ax, line, column, series_label(line, series))
         set_scale(ax, "x", [row["elr"] for row in table])
         set_scale(ax, "y", values, log=column in ("train_loss", "gm"))
         ax.set_ylabel(axis_label(column, losses, short=True))
@@ -610,18 +713,30 @@ def metrics_figure(runs, table):
     handles = phase_patches([row["phase"] for row in shaded])
     if len(series) > 1:
         handles = axes[0, 0].get_legend_handles_labels()[0] + handles
+    seeds = {len(group.runs) for line in series for group in line}
+    if max(seeds) > 1:
+        counted = f"{seeds.pop()} seeds" if len(seeds) == 1 else "seeds"
+        handles.append(Patch(color="0.5", alpha=BAND_ALPHA, linewidth=0,
+                             label=f"line: mean over {counted}; band: lowest to highest"))
     if handles:
         figure_legend(figure, handles)
     figure.suptitle(title(runs))
     return figure
 
 
-def phase_groups(runs):
-    """The runs' paths by line against the ELR, each with its label (None for a single line): the
-    phase table is printed one line at a time."""
-    series = group_series(runs)
-    return [(series_label(group, series) if len(series) > 1 else None, [r.path for r in group])
-            for group in series]
+def draw_mean_and_band(ax, line, column, label):
+    """One line through the mean over each group's seeds, and where a group has several, a band from the
+    lowest to the highest seed in the line's colour; returns the values drawn (for the axis' scale)."""
+    elrs = [group.elr for group in line]
+    finals = [shown(column, group.finals(column)) for group in line]
+    means = [f.mean() for f in finals]
+    drawn, = ax.plot(elrs, means, marker=LOSS_MARKERS.get(line[0].loss, "o"),
+                     linestyle="--" if line[0].parent else "-", label=label)
+    if all(len(group.runs) == 1 for group in line):
+        return means
+    lows, highs = [f.min() for f in finals], [f.max() for f in finals]
+    ax.fill_between(elrs, lows, highs, color=drawn.get_color(), alpha=BAND_ALPHA, linewidth=0, zorder=1)
+    return means + lows + highs
 
 
 # --- cosines and projection error against the ELR -----------------------------------------------------
@@ -643,23 +758,31 @@ def later_cosines(run):
     return gaps[0], [r["cos_prev"] for r in rows[1:] if r["iter"] >= middle]
 
 
-def cosine_slots(runs, series):
-    """Where each run's box goes: one slot per distinct ELR, in increasing order, shared side by side by
-    the lines that have a run at that ELR. Returns {run path: (centre, width)} and the slots' ELRs."""
-    elrs = sorted({r.elr for r in runs})
+def cosine_slots(series):
+    """Where each group's box goes: one slot per distinct ELR, in increasing order, shared side by side by
+    the lines that have a group at that ELR. Returns {group key: (centre, width)} and the slots' ELRs."""
+    elrs = sorted({group.elr for line in series for group in line})
     placed = {}
     for slot, elr in enumerate(elrs):
-        here = [run for group in series for run in group if run.elr == elr]
+        here = [group for line in series for group in line if group.elr == elr]
         width = BOX_SLOT / len(here)
-        for k, run in enumerate(here):
-            placed[run.path] = (slot + (k - (len(here) - 1) / 2) * width, 0.85 * width)
+        for k, group in enumerate(here):
+            placed[group.key] = (slot + (k - (len(here) - 1) / 2) * width, 0.85 * width)
     return placed, elrs
 
 
+def majority_phase(group):
+    """The phase most of the group's seeds are in (undecided for a run without train_err)."""
+    phases = [classify(run.rows, run.num_classes).phase if "train_err" in run.columns() else UNDECIDED
+              for run in group.runs]
+    return agreement(phases)[0]
+
+
 @styled
-def cosine_figure(runs):
-    """The distribution of the cosine between neighbouring checkpoints over the later half of each run,
-    one box per run (figures 10, 17), coloured by the run's phase, the ELRs in increasing order."""
+def cosine_figure(runs, aggregate=True):
+    """The distribution of the cosine between neighbouring checkpoints over the later half of the runs,
+    one box per group of seeds, their cosines pooled (figures 10, 17), coloured by the group's majority
+    phase, the ELRs in increasing order."""
     spacing, cosines = {}, {}
     for run in runs:
         spacing[run.path], cosines[run.path] = later_cosines(run)
@@ -676,17 +799,18 @@ def cosine_figure(runs):
                 f"are equally spaced only up to epoch 10; train with --eval-every N to compare longer runs")
     figure, axes = new_figure(height=2.6)
     ax = axes[0, 0]
-    series = group_series(runs)
-    placed, elrs = cosine_slots(runs, series)
+    series = group_series(runs, aggregate)
+    placed, elrs = cosine_slots(series)
     phases = []
-    for i, group in enumerate(series):
+    for i, line in enumerate(series):
         edge = f"C{i}" if len(series) > 1 else "black"
-        for run in group:
-            centre, width = placed[run.path]
-            boxes = ax.boxplot([cosines[run.path]], positions=[centre], widths=width, patch_artist=True,
+        for group in line:
+            centre, width = placed[group.key]
+            pooled = [c for run in group.runs for c in cosines[run.path]]
+            boxes = ax.boxplot([pooled], positions=[centre], widths=width, patch_artist=True,
                                manage_ticks=False, flierprops={"markersize": 2},
                                medianprops={"color": "black"}, boxprops={"edgecolor": edge})
-            phase = classify(run.rows, run.num_classes).phase if "train_err" in run.columns() else UNDECIDED
+            phase = majority_phase(group)
             boxes["boxes"][0].set_facecolor(PHASE_COLORS.get(phase, "white"))
             phases.append(phase)
     ax.set_xticks(range(len(elrs)), [elr_text(e) for e in elrs], rotation=90 if len(elrs) > 6 else 0)
@@ -696,8 +820,8 @@ def cosine_figure(runs):
     ax.set_ylabel(f"cosine between checkpoints\n{next(iter(spacing.values()))} steps apart")
     handles = phase_patches(phases)
     if len(series) > 1:
-        handles += [Patch(facecolor="white", edgecolor=f"C{i}", label=series_label(g, series))
-                    for i, g in enumerate(series)]
+        handles += [Patch(facecolor="white", edgecolor=f"C{i}", label=series_label(line, series))
+                    for i, line in enumerate(series)]
     if handles:
         figure_legend(figure, handles)
     ax.set_title(title(runs))
@@ -705,25 +829,28 @@ def cosine_figure(runs):
 
 
 @styled
-def projection_figure(runs):
-    """The projection error 1 - r against the ELR (figure 25): mean over each run's steps, with the
-    range over its evaluation intervals, and the paper's 2 % line."""
-    series = group_series(runs)
+def projection_figure(runs, aggregate=True):
+    """The projection error 1 - r against the ELR (figure 25): mean over the steps of each group's seeds,
+    with the range over their evaluation intervals, and the paper's 2 % line."""
+    series = group_series(runs, aggregate)
     figure, axes = new_figure(height=2.5)
     ax = axes[0, 0]
     values = []
-    for group in series:
-        for run in group:
-            require_columns(run, ("proj_err",))
+    for line in series:
+        for group in line:
+            for run in group.runs:
+                require_columns(run, ("proj_err",))
         # the first row of a run is its starting point: no step was taken before it
-        intervals = [shown("proj_err", [r["proj_err"] for r in run.rows[1:]]) for run in group]
+        intervals = [shown("proj_err", [r["proj_err"] for run in group.runs for r in run.rows[1:]])
+                     for group in line]
         if not all(len(i) for i in intervals):
             raise SphrunError("a run has a single evaluation point: no projection error to show")
         means = np.array([i.mean() for i in intervals])
         low = means - np.array([i.min() for i in intervals])
         high = np.array([i.max() for i in intervals]) - means
-        ax.errorbar([r.elr for r in group], means, yerr=[low, high], marker=LOSS_MARKERS.get(group[0].loss, "o"),
-                    capsize=1.5, label=series_label(group, series) if len(series) > 1 else None)
+        ax.errorbar([group.elr for group in line], means, yerr=[low, high],
+                    marker=LOSS_MARKERS.get(line[0].loss, "o"), capsize=1.5,
+                    label=series_label(line, series) if len(series) > 1 else None)
         values += list(means - low)
     ax.axhline(100 * PROJECTION_LIMIT, color="0.4", linestyle=":", linewidth=0.8, label="2 %")
     set_scale(ax, "x", [r.elr for r in runs])
@@ -776,8 +903,9 @@ def with_curvature(runs):
     return measured
 
 
-def plot(paths, kind, out=None, x=None, y=None):
-    """Draw the figure of `kind` from the runs (or connect outputs) in `paths`; returns its path."""
+def plot(paths, kind, out=None, x=None, y=None, aggregate=True):
+    """Draw the figure of `kind` from the runs (or connect outputs) in `paths`; returns its path. With
+    `aggregate`, runs that differ only in their seeds are drawn (and tabled) as one group."""
     if kind not in KINDS:
         raise SphrunError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
     if out is not None:
@@ -790,18 +918,20 @@ def plot(paths, kind, out=None, x=None, y=None):
     dirs = find_dirs(paths, "config.json")
     runs = load_runs(dirs)
     out = out or default_out_for(paths, dirs, kind)
+    if aggregate:
+        note_repeated_seeds(group_series(runs))
     if kind == "metrics":  # the figure, then the phase table on stdout and beside the figure
-        table = phase_table(runs)
-        save(metrics_figure(runs, table), out)
-        report_phases(table, phase_groups(runs), table_path_for(out))
+        table = group_table(runs, aggregate)
+        save(metrics_figure(runs, table, aggregate), out)
+        report_phases(table, table_path_for(out))
         return out
     if kind == "phase":
-        figure = phase_figure(runs, x or "train_loss", y or "gm")
+        figure = phase_figure(runs, x or "train_loss", y or "gm", aggregate)
     elif kind == "curvature":
         runs = with_curvature(runs)
-        figure = phase_figure(runs, x or "train_loss", curvature_measure(runs, y))
+        figure = phase_figure(runs, x or "train_loss", curvature_measure(runs, y), aggregate)
     elif kind == "cosine":
-        figure = cosine_figure(runs)
+        figure = cosine_figure(runs, aggregate)
     else:
-        figure = projection_figure(runs)
+        figure = projection_figure(runs, aggregate)
     return save(figure, out)

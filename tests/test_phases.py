@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from sphrun.phases import UNDECIDED, borders, classify, in_paper_order, later_half
+from sphrun.phases import UNDECIDED, agreement, borders, classify, in_paper_order, later_half, spread
 from sphrun.train import evaluation_steps
 
 
@@ -180,6 +180,20 @@ def test_borders_and_paper_order():
     assert in_paper_order(list(reversed(elrs)), list(reversed(phases)))  # order of the input is irrelevant
     assert not in_paper_order(elrs, ["1", "2", "1", "2", "3", "3"])  # phase 1 in two blocks
     assert not in_paper_order(elrs, ["1", "3", "2", "2", "3", "3"])
+
+
+def test_agreement_of_the_seeds_of_a_group():
+    assert agreement(["2", "2", "2"]) == ("2", "2 (3/3)")
+    assert agreement(["2", "3", "2"]) == ("2", "2 (2/3)")
+    assert agreement([UNDECIDED, "1", UNDECIDED]) == (UNDECIDED, "undecided (2/3)")
+    assert agreement(["1", "2", "3", "1"]) == ("1", "1 (2/4)")  # the most common phase, not over half
+    assert agreement(["2", "1"]) == (UNDECIDED, "1 or 2 (1/2 each)")  # a tie has no majority
+    assert agreement(["1"]) == ("1", "1 (1/1)")
+
+
+def test_spread_over_seeds_is_the_mean_and_sample_std():
+    assert spread([1.0, 2.0, 6.0]) == pytest.approx((3.0, math.sqrt(7.0)))  # ((4 + 1 + 9) / 2) ** 0.5
+    assert spread([0.5]) == (0.5, None)  # one seed: no spread to tell
 
 
 # --- simulated trajectories on the default schedule ------------------------------------------------

@@ -18,10 +18,9 @@ from matplotlib.colors import to_hex
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.phases import phase_table
 from sphrun.plot import (KINDS, PHASE_COLORS, STYLE, cosine_figure, draw_connect, figure_legend, find_dirs,
-                         group_series, load_run, load_runs, metrics_figure, new_figure, parent_rows,
-                         phase_figure, plot, projection_figure, set_scale, with_curvature)
+                         group_series, group_table, load_run, load_runs, metrics_figure, new_figure,
+                         parent_rows, phase_figure, plot, projection_figure, set_scale, with_curvature)
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
@@ -153,7 +152,7 @@ def band_colour(ax, x):
 def test_metrics_figure_draws_each_runs_final_values_and_phase(handmade):
     root, written = handmade
     runs = sweep_runs(root)
-    figure = render(metrics_figure(runs, phase_table(runs)))
+    figure = render(metrics_figure(runs, group_table(runs)))
     elrs = sorted(SWEEP)
     sweep_rows = [written[str(root / run_name(e))] for e in elrs]
     for ax, column, unit in zip(figure.axes, ("train_loss", "train_err", "test_err", "gm"), (1, 100, 100, 1)):
@@ -177,7 +176,7 @@ def test_metrics_writes_and_prints_the_phase_table(handmade, tmp_path, monkeypat
     code, out, err = run_cli(monkeypatch, capsys, root, "--kind", "metrics", "--out", figure)
     assert code == 0 and drawn(figure), err
     with open(tmp_path / "final-phases.csv") as f:
-        table = {row["run"]: row for row in csv.DictReader(f)}
+        table = {row["runs"]: row for row in csv.DictReader(f)}  # one seed each: a group per run
     assert set(table) == set(written)
     for path, rows in written.items():
         expected = "2" if "-ft-" in path else SWEEP[rows[0]["elr"]]
@@ -325,7 +324,7 @@ def test_figure_legends_stay_inside_the_figure(labels):
 def test_metrics_figure_axes_are_labelled_and_its_legend_fits(handmade):
     root, _ = handmade
     runs = sweep_runs(root)
-    figure = render(metrics_figure(runs, phase_table(runs)))
+    figure = render(metrics_figure(runs, group_table(runs)))
     for ax in figure.axes:
         assert len(labelled_ticks(ax.xaxis)) >= 2 and len(labelled_ticks(ax.yaxis)) >= 2, ax.get_ylabel()
     legend = figure.legends[0]

@@ -7,7 +7,8 @@
     RUN/curvature.csv                written by `sphrun curvature`
 
 Every file but metrics.csv is written whole to a temporary name and renamed, so a crash never leaves
-half a file; metrics.csv rows past the newest checkpoint are dropped on resume.
+half a file; metrics.csv rows past the newest checkpoint are dropped on resume. Every file gets the
+permissions of the user's umask, so a group can share runs on a cluster.
 """
 
 import contextlib
@@ -34,6 +35,7 @@ def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 600; other files follow the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -43,6 +45,13 @@ def atomic_write(path, write):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask():
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path, text):
@@ -86,19 +95,45 @@ class RunDir:
 
     # --- metrics.csv -------------------------------------------------------------------------------
     def read_metrics(self):
-        """Rows as dicts of floats ('iter' as int); [] when no row was written yet."""
+        """Rows as dicts of floats ('iter' as int); [] when no row was written yet.
+
+        A last line without its newline is a row being written, or cut by a kill: it is left out."""
         try:
-            with open(self.metrics_path, newline="") as f:
-                rows = list(csv.DictReader(f))
+            with open(self.metrics_path, newline="", encoding="utf-8") as f:
+                text = f.read()
         except FileNotFoundError:
             return []
+        except UnicodeDecodeError:
+            raise self.damaged_metrics("is not text")
+        if not text.endswith("\n") and "\n" in text:
+            text = text[:text.rindex("\n") + 1]
         try:
-            return [{k: int(v) if k == "iter" else float(v) for k, v in row.items()} for row in rows]
-        except (TypeError, ValueError):
-            raise SphrunError(f"{self.metrics_path} has a malformed row")
+            lines = list(csv.reader(io.StringIO(text)))
+        except csv.Error as e:
+            raise self.damaged_metrics(f"is not CSV ({e})")
+        if not lines:
+            return []
+        header, rows = lines[0], lines[1:]
+        missing = [c for c in METRICS_COLUMNS if c not in header]
+        if missing:
+            raise self.damaged_metrics(f"has a foreign header (no {', '.join(missing[:3])}"
+                                       f"{', ...' if len(missing) > 3 else ''} column)")
+        return [self.parse_metrics_row(header, values, number) for number, values in enumerate(rows, 2)]
+
+    def parse_metrics_row(self, header, values, line):
+        try:
+            if len(values) != len(header):
+                raise ValueError
+            return {k: int(v) if k == "iter" else float(v) for k, v in zip(header, values)}
+        except ValueError:
+            raise self.damaged_metrics(f"has a malformed row at line {line}")
+
+    def damaged_metrics(self, what):
+        return SphrunError(f"{self.metrics_path} {what}: restore it from a copy, or delete the run "
+                           f"directory {self.path} and train it again")
 
     def append_metrics(self, row):
-        new = not os.path.exists(self.metrics_path)
+        new = not os.path.exists(self.metrics_path) or os.path.getsize(self.metrics_path) == 0
         with open(self.metrics_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
             if new:
@@ -112,8 +147,13 @@ class RunDir:
             os.unlink(self.metrics_path)
 
     def truncate_metrics(self, last_iter):
-        """Drop rows past `last_iter` (written after the newest checkpoint by a killed process)."""
+        """Drop rows past `last_iter` (written after the newest checkpoint by a killed process).
+
+        Refuses when no row at or before `last_iter` is left: every run writes its first row before its
+        first checkpoint, so the file was emptied or cut, and going on would drop its history."""
         rows = [r for r in self.read_metrics() if r["iter"] <= last_iter]
+        if not rows:
+            raise self.damaged_metrics(f"has no row at or before step {last_iter}, the newest checkpoint")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -186,6 +226,29 @@ class RunDir:
             finally:
                 f.truncate(0)
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_run_dir(path):
+    """Whether `path` holds a run: config.json beside checkpoints/ (a connect output has no checkpoints/)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def check_run_location(path):
+    """Refuse to make or open a run at `path` when that would put a run inside another run, or turn a
+    folder of runs (a sweep's --out) into a run directory itself."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SphrunError(f"{path} is not a folder: give the run a directory")
+    ancestor = os.path.dirname(path)
+    while ancestor != os.path.dirname(ancestor):
+        if is_run_dir(ancestor):
+            raise SphrunError(f"{ancestor} is a run directory: put the new run beside it, not inside it")
+        ancestor = os.path.dirname(ancestor)
+    if os.path.isdir(path) and not is_run_dir(path):
+        runs = sorted(name for name in os.listdir(path) if is_run_dir(os.path.join(path, name)))
+        if runs:
+            raise SphrunError(f"{path} holds run directories ({runs[0]}, ...): it is a folder of runs; give "
+                              f"--out a directory of its own for this run, such as {os.path.join(path, 'NAME')}")
 
 
 def format_value(value):

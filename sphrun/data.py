@@ -72,7 +72,14 @@ def load_images(dataset, data_dir):
 
 
 def is_image_folder(data_dir):
-    return all(os.path.isdir(os.path.join(data_dir, split)) for split in ("train", "test"))
+    """Whether `data_dir` is an ImageFolder tree; one with train/ or test/ alone is refused, not
+    taken for a missing CIFAR download."""
+    present = [split for split in ("train", "test") if os.path.isdir(os.path.join(data_dir, split))]
+    if len(present) == 1:
+        missing = "test" if present == ["train"] else "train"
+        raise SphrunError(f"{data_dir} has {present[0]}/ but no {missing}/ folder: an ImageFolder tree "
+                          f"needs both, {missing}/<class>/<image> beside {present[0]}/<class>/<image>")
+    return bool(present)
 
 
 def read_image_folder(data_dir, num_classes):

@@ -131,3 +131,33 @@ def test_batch_order_depends_on_data_seed_alone():
     assert not torch.equal(a.indices(0), c.indices(0))
     epoch = torch.cat([a.indices(s) for s in range(10)])  # one epoch sees every image once
     assert sorted(epoch.tolist()) == list(range(100))
+
+
+def test_half_an_image_folder_names_the_missing_split(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a folder with train/ is no missing download")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_download)
+    os.makedirs(tmp_path / "train" / "cat")
+    with pytest.raises(SphrunError, match="has train/ but no test/ folder"):
+        load_data("cifar10", str(tmp_path))
+    os.rename(tmp_path / "train", tmp_path / "test")
+    with pytest.raises(SphrunError, match="has test/ but no train/ folder"):
+        load_data("cifar10", str(tmp_path))
+
+
+def test_image_folder_reads_whatever_pil_opens(tmp_path):
+    from PIL import Image
+
+    formats = ["png", "jpeg", "bmp", "gif", "webp"]
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in range(10):
+            os.makedirs(tmp_path / split / f"class{label}")
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            extension = formats[label % len(formats)]
+            Image.fromarray(pixels).save(tmp_path / split / f"class{label}" / f"0.{extension}")
+    data = load_data("cifar10", str(tmp_path))
+    assert data.train_x.shape == (10, 3, 32, 32) and data.train_y.tolist() == list(range(10))

@@ -9,18 +9,48 @@ import numpy as np
 
 import typer
 
-from sphrun import SphrunError
+from sphrun import SphrunError, __version__
 from sphrun.config import TrainConfig, parse_subset
 from sphrun.progress import message
 
+# No markup: help texts are printed as written (markdown mode ate <placeholders> as HTML tags) and
+# their paragraphs reflow to the terminal width.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
+                  rich_markup_mode=None,
                   help="Train scale-invariant networks on the sphere and study their loss landscape.")
 
 
+class Command(typer.core.TyperCommand):
+    """Arguments go by their metavar alone, as in the README: `sphrun finetune [OPTIONS] RUN` (recent
+    Typer writes {RUN} in the usage line and `RUN <str>` in the list of arguments)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument":
+                param.display_type_rich = lambda ctx: None
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":  # every argument has a metavar
+                pieces.append(param.metavar + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+def show_version(asked: bool):
+    if asked:
+        print(f"sphrun {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root():
-    """Train scale-invariant networks on the sphere and study their loss landscape."""
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                       help="Print the version of sphrun and exit.")):
+    """Train scale-invariant networks on the sphere and study their loss landscape.
+
+    The science, conventions and phases: docs/science.md. Each command has --help.
+    """
 
 
 TF32_HELP = ("Let CUDA run convolutions and matrix products in TF32 (10-bit mantissa), as training does. "
@@ -31,7 +61,8 @@ GEODESIC_HELP = ("Geodesic steps: turn theta along the great circle by exactly t
                  "elr * ||grad on the unit sphere|| (radians; the sphere's exponential map), so the realised "
                  "ELR is the nominal one and proj_err reads 0. Projected steps (the default, the paper's): "
                  "theta + lr * direction, then rescaled to rho0, which turns theta by only arctan of that "
-                 "angle (1 - r under 2 % in phases 1-2, large in phase 3).")
+                 "angle (1 - r under 2 % in phases 1-2, large in phase 3; docs/science.md, The step).")
+DEVICE_HELP = "Where to compute: auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N."
 
 
 def parse_elr(text):
@@ -147,81 +178,116 @@ def training_rates(sphere, elr, lr, wd, momentum):
     return [lr]
 
 
+def at_least(value, option, least=1):
+    """Refuse a count under `least`: 0 must never fall back to a default (`x or default`)."""
+    if value is not None and value < least:
+        raise SphrunError(f"{option} must be at least {least}, got {value}")
+    return value
+
+
+def folder(value, option):
+    """Refuse an empty folder name, which would otherwise fall back to the default silently."""
+    if value is not None and not value.strip():
+        raise SphrunError(f"{option} is empty: give a folder, or leave the option out for its default")
+    return value
+
+
 SPHERE_HELP = ("On the sphere (the default): the model's fully scale-invariant form (BatchNorm affine=False, the "
                "last layer frozen at --init-scale), every step rescaled to rho0, the rate given by --elr. "
-               "--no-sphere: conventional training (PAPER.md appendix 4) of every parameter of the usual "
-               "model, BatchNorm affine and last layer included, with torch's SGD and no projection; the "
-               "rate is --lr, and the elr column of metrics.csv and GM are then the plain learning rate and "
-               "the mean gradient norm over all trainable parameters (si_norm stays that of the "
+               "--no-sphere: conventional training (docs/science.md, Conventional training) of every "
+               "parameter of the usual model, BatchNorm affine and last layer included, with torch's SGD and "
+               "no projection; "
+               "the rate is --lr, and the elr column of metrics.csv and GM are then the plain learning rate "
+               "and the mean gradient norm over all trainable parameters (si_norm stays that of the "
                "scale-invariant tensors).")
+TRAIN_OUT_HELP = ("With one ELR: the run directory itself (default: runs/<name from the settings>); an "
+                  "existing run there is resumed or extended. With several ELRs: the folder that holds one "
+                  "run directory per ELR, each named from its settings (default: runs). A run never goes "
+                  "inside another run, and a folder of runs is not a run directory: for one ELR give "
+                  "--out DIR/<name>, not --out DIR.")
 
 
-@app.command()
+@app.command(cls=Command)
 def train(
-    elr: Optional[str] = typer.Option(None, help="Effective learning rate on the unit sphere: lr = elr * rho0^2 "
-                                                 "(dimensionless). The paper's phase 1/2 border for ce is near "
-                                                 "7e-4. Several ELRs, a list (1e-4,5e-4,1e-3) or a log grid "
-                                                 "start:stop:count (1e-5:1:16: 16 values, ends included, "
-                                                 "rounded to 3 digits), train together from one init as one "
-                                                 "packed ConvNet, each into its own run directory."),
-    model: str = typer.Option("convnet", help="convnet (the paper's table 1), vgg16bn (CIFAR VGG-16 with "
-                                              "BatchNorm) or resnet18 (pre-activation CIFAR ResNet-18; on the "
-                                              "sphere with a BatchNorm closing each branch and projection, so "
-                                              "every conv is scale-invariant)."),
+    elr: Optional[str] = typer.Option(
+        None, metavar="ELR",
+        help="Effective learning rate on the unit sphere: lr = elr * rho0^2 (dimensionless). The paper's "
+             "phase 1/2 border for ce is near 7e-4. Several ELRs, a list (1e-4,5e-4,1e-3) or a log grid "
+             "start:stop:count (1e-5:1:16: 16 values, ends included, rounded to 3 digits), train together "
+             "from one init as one packed ConvNet, each into its own run directory."),
+    model: str = typer.Option(
+        "convnet", metavar="NAME",
+        help="convnet (the paper's table 1), vgg16bn (CIFAR VGG-16 with BatchNorm) or resnet18 "
+             "(pre-activation CIFAR ResNet-18; on the sphere with a BatchNorm closing each branch and "
+             "projection, so every conv is scale-invariant)."),
     sphere: bool = typer.Option(True, help=SPHERE_HELP),
-    lr: Optional[float] = typer.Option(None, help="With --no-sphere: the plain SGD learning rate."),
-    wd: Optional[float] = typer.Option(None, help="With --no-sphere: weight decay (L2 coefficient added to "
-                                                  "the gradient, torch's SGD). (default: 0)"),
-    momentum: Optional[float] = typer.Option(None, help="With --no-sphere: SGD momentum in [0, 1). "
-                                                        "(default: 0)"),
-    loss: str = typer.Option("ce", help="Loss: ce (cross-entropy) or mse (squared error to the one-hot "
-                                        "target, mean over classes)."),
-    dataset: str = typer.Option("cifar10", help="cifar10, cifar100 or synthetic (built-in, offline)."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with torchvision's CIFAR files or an ImageFolder "
-                                                      "tree train/<class>/, test/<class>/. (default: "
-                                                      "$SPHRUN_DATA, else ./data; CIFAR is downloaded there "
-                                                      "when absent)"),
-    subset: Optional[str] = typer.Option(None, help="Train on a class-stratified subset: a fraction (0.1) or "
-                                                    "a count of images (5000); the test set stays whole."),
-    width: Optional[int] = typer.Option(None, help="Channels of the first conv; the others scale with it. "
-                                                   "(default: 32 for convnet, 387,936 conv weights; 64 for "
-                                                   "vgg16bn and resnet18, their usual sizes)"),
-    init_scale: Optional[float] = typer.Option(None, help="Frobenius norm of the frozen last layer. "
-                                                          "(default: 10 for ce, 1.5 for mse; with --no-sphere "
-                                                          "the last layer trains and keeps torch's init)"),
-    seed: str = typer.Option("0", help="Seed of the trainable (conv) weights' init: one (0), a list (0,1,2) or a "
-                                       "range start:stop (0:5 is seeds 0 to 4). Several seeds train with the "
-                                       "ELRs as one pack, every ELR with every seed."),
-    head_seed: int = typer.Option(0, help="Seed of the frozen last layer; keep it shared so runs "
-                                          "live in one function space."),
-    data_seed: str = typer.Option("0", help="Seed of the batch order, shared by every ELR of a sweep; a list "
-                                            "or range as --seed gives every run each of them (runs of one "
-                                            "data seed train together)."),
-    batch_size: int = typer.Option(128, help="Mini-batch size (images per SGD step)."),
-    epochs: Optional[int] = typer.Option(None, help="Length in epochs (passes over the train set). "
-                                                    "(default: 1000, the authors' setting)"),
-    iters: Optional[int] = typer.Option(None, help="Length in SGD steps, instead of --epochs."),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps. (default: log-spaced: "
-                                                        "every epoch for 10 epochs, then ~10 per decade)"),
-    keep: Optional[int] = typer.Option(None, help="Keep the checkpoint of every K-th evaluation point "
-                                                  "(first and last always). (default: all)"),
-    step: str = typer.Option("sgd", help=STEP_HELP),
+    lr: Optional[float] = typer.Option(None, metavar="LR", help="With --no-sphere: the plain SGD learning rate."),
+    wd: Optional[float] = typer.Option(
+        None, metavar="WD",
+        help="With --no-sphere: weight decay (L2 coefficient added to the gradient, torch's SGD). (default: 0)"),
+    momentum: Optional[float] = typer.Option(
+        None, metavar="M", help="With --no-sphere: SGD momentum in [0, 1). (default: 0)"),
+    loss: str = typer.Option(
+        "ce", metavar="NAME",
+        help="Loss: ce (cross-entropy) or mse (squared error to the one-hot target, mean over classes)."),
+    dataset: str = typer.Option(
+        "cifar10", metavar="NAME", help="cifar10, cifar100 or synthetic (built-in, offline)."),
+    data_dir: Optional[str] = typer.Option(
+        None, metavar="DIR",
+        help="Folder with torchvision's CIFAR files, or an ImageFolder tree DIR/train/<class>/<image> and "
+             "DIR/test/<class>/<image> (32x32 images in any format PIL reads). (default: $SPHRUN_DATA, "
+             "else ./data; CIFAR is downloaded there when absent)"),
+    subset: Optional[str] = typer.Option(
+        None, metavar="FRACTION|COUNT",
+        help="Train on a class-stratified subset: a fraction (0.1) or a count of images (5000); the test "
+             "set stays whole."),
+    width: Optional[int] = typer.Option(
+        None, metavar="C",
+        help="Channels of the first conv; the others scale with it. (default: 32 for convnet, 387,936 conv "
+             "weights; 64 for vgg16bn and resnet18, their usual sizes)"),
+    init_scale: Optional[float] = typer.Option(
+        None, metavar="NORM",
+        help="Frobenius norm of the frozen last layer. (default: 10 for ce, 1.5 for mse; with --no-sphere "
+             "the last layer trains and keeps torch's init)"),
+    seed: str = typer.Option(
+        "0", metavar="SEEDS",
+        help="Seed of the trainable (conv) weights' init: one (0), a list (0,1,2) or a range start:stop (0:5 is "
+             "seeds 0 to 4). Several seeds train with the ELRs as one pack, every ELR with every seed."),
+    head_seed: int = typer.Option(
+        0, metavar="SEED",
+        help="Seed of the frozen last layer; keep it shared so runs live in one function space."),
+    data_seed: str = typer.Option(
+        "0", metavar="SEEDS",
+        help="Seed of the batch order, shared by every ELR of a sweep; a list or range as --seed gives every "
+             "run each of them (runs of one data seed train together)."),
+    batch_size: int = typer.Option(128, metavar="N", help="Mini-batch size (images per SGD step)."),
+    epochs: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Length in epochs (passes over the train set), at least 1. (default: 1000, the authors' setting)"),
+    iters: Optional[int] = typer.Option(None, metavar="N", help="Length in SGD steps, instead of --epochs."),
+    eval_every: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Evaluate every N steps. (default: log-spaced: every epoch for 10 epochs, then ~10 per decade)"),
+    keep: Optional[int] = typer.Option(
+        None, metavar="K",
+        help="Keep the checkpoint of every K-th evaluation point (first and last always). (default: all)"),
+    step: str = typer.Option("sgd", metavar="DIRECTION", help=STEP_HELP),
     geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32 (TF32 convolutions allowed on CUDA), or bf16: "
-                                               "convolutions and matrix products in bfloat16, weights, norms, "
-                                               "the projection and BatchNorm statistics in float32. Part of "
-                                               "the run's settings."),
-    pack: Optional[int] = typer.Option(None, help="With several ELRs: at most this many models per pass "
-                                                  "(bounds the memory); the rest train in later passes. "
-                                                  "(default: all in one pass)"),
-    shard: Optional[str] = typer.Option(None, help="I/N: train every N-th ELR of the list or grid, starting "
-                                                   "at the I-th (from 0), so N processes (a SLURM array, GNU "
-                                                   "parallel) share one sweep on a shared file system."),
-    out: Optional[str] = typer.Option(None, help="Run directory. (default: runs/<name from the settings>); "
-                                                 "an existing one is resumed or extended. With several ELRs: "
-                                                 "the folder that holds their run directories, named as by "
-                                                 "default. (default: runs)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
+    precision: str = typer.Option(
+        "fp32", metavar="NAME",
+        help="fp32 (TF32 convolutions allowed on CUDA), or bf16: convolutions and matrix products in "
+             "bfloat16, weights, norms, the projection and BatchNorm statistics in float32. Part of the "
+             "run's settings."),
+    pack: Optional[int] = typer.Option(
+        None, metavar="K",
+        help="With several ELRs: at most K models per pass (bounds the memory); the rest train in later "
+             "passes. (default: all in one pass)"),
+    shard: Optional[str] = typer.Option(
+        None, metavar="I/N",
+        help="Train every N-th ELR of the list or grid, starting at the I-th (from 0), so N processes (a "
+             "SLURM array, GNU parallel) share one sweep on a shared file system."),
+    out: Optional[str] = typer.Option(None, metavar="DIR", help=TRAIN_OUT_HELP),
 ):
     """Train a fully scale-invariant network on the sphere at a fixed effective learning rate, or
     conventionally off it (--no-sphere --lr).
@@ -242,14 +308,16 @@ def train(
         raise SphrunError("give --epochs or --iters, not both")
     rates = training_rates(sphere, elr, lr, wd, momentum)
     seeds, data_seeds = parse_seeds(seed), parse_seeds(data_seed, "--data-seed")
-    if pack is not None and pack < 1:
-        raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
+    at_least(pack, "--pack")
+    if epochs is None and iters is None:
+        epochs = 1000
     config = TrainConfig(
         elr=rates[0], model=model, sphere=sphere, wd=wd or 0.0, momentum=momentum or 0.0, loss=loss, dataset=dataset,
-        data_dir=data_dir or os.environ.get("SPHRUN_DATA") or "./data", subset=parse_subset(subset),
-        width=width, init_scale=init_scale, seed=seeds[0], head_seed=head_seed, data_seed=data_seeds[0],
-        batch_size=batch_size, epochs=None if iters is not None else (epochs or 1000), iters=iters,
-        eval_every=eval_every, keep=keep, step=step, geodesic=geodesic, precision=precision, device=device)
+        data_dir=folder(data_dir, "--data-dir") or os.environ.get("SPHRUN_DATA") or "./data",
+        subset=parse_subset(subset), width=width, init_scale=init_scale, seed=seeds[0], head_seed=head_seed,
+        data_seed=data_seeds[0], batch_size=batch_size, epochs=epochs, iters=iters, eval_every=eval_every,
+        keep=keep, step=step, geodesic=geodesic, precision=precision, device=device)
+    out = folder(out, "--out")
     configs = run_grid(config, rates, seeds, data_seeds)
     several = len(configs) > 1
     if shard is not None:
@@ -261,39 +329,48 @@ def train(
     run, status = training.train(configs[0], out, argv=sys.argv)
     message(f"{run}: {status}")
 
-
-@app.command()
+@app.command(cls=Command)
 def finetune(
-    run: str = typer.Argument(..., help="The parent run directory (made by sphrun train or finetune)."),
-    elr: Optional[str] = typer.Option(None, help="The new effective learning rate on the unit sphere "
-                                                 "(dimensionless), on the parent's sphere of radius rho0: "
-                                                 "lr = elr * rho0^2."),
-    lr: Optional[float] = typer.Option(None, help="Instead of --elr, for a parent trained off the sphere "
-                                                  "(--no-sphere): the new plain SGD learning rate; its momentum "
-                                                  "buffers and weight decay carry on."),
-    start: str = typer.Option("last", "--from", help="The parent's checkpoint to start from: last, or the "
-                                                      "step of one (SGD steps since the lineage began)."),
-    iters: Optional[int] = typer.Option(None, help="Length of the fine-tune in SGD steps."),
-    epochs: Optional[int] = typer.Option(None, help="Length of the fine-tune in epochs, instead of --iters."),
-    transition: int = typer.Option(0, help="Steps D over which the ELR moves linearly from the parent's to "
-                                           "--elr (the k-th step uses parent + (elr - parent) * k / D), then "
-                                           "stays there. 0: a jump."),
-    step: str = typer.Option("sgd", help=STEP_HELP),
+    run: str = typer.Argument(
+        ..., metavar="RUN", help="The parent run directory (made by sphrun train or finetune)."),
+    elr: Optional[str] = typer.Option(
+        None, metavar="ELR",
+        help="The new effective learning rate on the unit sphere (dimensionless), on the parent's sphere "
+             "of radius rho0: lr = elr * rho0^2."),
+    lr: Optional[float] = typer.Option(
+        None, metavar="LR",
+        help="Instead of --elr, for a parent trained off the sphere (--no-sphere): the new plain SGD "
+             "learning rate; its momentum buffers and weight decay carry on."),
+    start: str = typer.Option(
+        "last", "--from", metavar="STEP",
+        help="The parent's checkpoint to start from: last, or the step of one (SGD steps since the lineage "
+             "began)."),
+    iters: Optional[int] = typer.Option(None, metavar="N", help="Length of the fine-tune in SGD steps."),
+    epochs: Optional[int] = typer.Option(
+        None, metavar="N", help="Length of the fine-tune in epochs, instead of --iters."),
+    transition: int = typer.Option(
+        0, metavar="D",
+        help="Steps D over which the ELR moves linearly from the parent's to --elr (the k-th step uses "
+             "parent + (elr - parent) * k / D), then stays there. 0: a jump."),
+    step: str = typer.Option("sgd", metavar="DIRECTION", help=STEP_HELP),
     geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps from the start step. (default: "
-                                                        "log-spaced from the start step: every epoch for 10 "
-                                                        "epochs, then ~10 per decade)"),
-    data_dir: Optional[str] = typer.Option(None, help="Where the parent's data set is. (default: the "
-                                                      "parent's --data-dir)"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[str] = typer.Option(None, help="Run directory of the fine-tune. (default: beside the "
-                                                 "parent, RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo], "
-                                                 "ft-lr<X> off the sphere); an "
-                                                 "existing one is resumed or extended."),
+    eval_every: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Evaluate every N steps from the start step. (default: log-spaced from the start step: every "
+             "epoch for 10 epochs, then ~10 per decade)"),
+    data_dir: Optional[str] = typer.Option(
+        None, metavar="DIR", help="Where the parent's data set is. (default: the parent's --data-dir)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
+    out: Optional[str] = typer.Option(
+        None, metavar="DIR",
+        help="Run directory of the fine-tune. (default: beside the parent, "
+             "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo], ft-lr<X> off the sphere); an existing one is "
+             "resumed or extended."),
 ):
-    """Fine-tune a run from one of its checkpoints with a new ELR (PAPER.md §4, experiments 3-5).
+    """Fine-tune a run from one of its checkpoints with a new ELR (docs/science.md, Fine-tuning
+    experiments).
 
-    Continues the parent on its sphere with its model, data, loss and batch stream: the new run's `iter`
+    Continues the parent on its sphere with its model, data, loss and batch stream: the new run's iter
     column counts on from the start step, its config.json names the parent. With the parent's ELR and
     step it reproduces the parent exactly. Running the same command again resumes or extends it.
     """
@@ -303,34 +380,42 @@ def finetune(
         raise SphrunError("give the new rate: --elr for a run on the sphere, or --lr for one trained off it")
     rate = parse_elr(elr) if lr is None else lr
     child, status = fine_tune(run, rate, start, iters=iters, epochs=epochs, transition=transition,
-                              step=step, geodesic=geodesic, eval_every=eval_every, out=out, device=device,
-                              data_dir=data_dir, argv=sys.argv, plain_lr=lr is not None)
+                              step=step, geodesic=geodesic, eval_every=eval_every, out=folder(out, "--out"),
+                              device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv,
+                              plain_lr=lr is not None)
     message(f"{child}: {status}")
 
 
-@app.command()
+@app.command(cls=Command)
 def plot(
-    paths: list[str] = typer.Argument(..., help="Run directories, or folders searched for every run below "
-                                                "them (connect outputs for --kind connect)."),
-    kind: str = typer.Option("phase", help="phase: (train loss, GM) trajectories coloured by ELR; metrics: "
-                                           "final metrics against ELR with the phases, plus a phase table; "
-                                           "cosine: cosines between neighbouring checkpoints per ELR; "
-                                           "connect: metrics against alpha of sphrun connect outputs; "
-                                           "curvature: the phase diagram with a curvature.csv measure; "
-                                           "projection: the projection error 1 - r against ELR."),
-    out: Optional[str] = typer.Option(None, help="Figure file, .png, .svg or .pdf. (default: <kind>.png in "
-                                                 "the folder of the runs, <run>-<kind>.png beside one run)"),
-    x: Optional[str] = typer.Option(None, help="phase and curvature kinds: the x column, from metrics.csv "
-                                               "or curvature.csv. (default: train_loss)"),
-    y: Optional[str] = typer.Option(None, help="phase and curvature kinds: the y column. (default: gm; for "
-                                               "curvature the first measure in curvature.csv)"),
-    aggregate: bool = typer.Option(True, "--aggregate/--no-aggregate",
-                                   help="Runs that differ only in their seeds (--seed, --data-seed) form one "
-                                        "group: metrics draws the mean over the seeds with a band from the "
-                                        "lowest to the highest seed (min-max), cosine pools their cosines in "
-                                        "one box per ELR, phase draws one line per seed in the group's colour, "
-                                        "and the phase table has one row per group. --no-aggregate draws "
-                                        "every run alone."),
+    paths: list[str] = typer.Argument(
+        ..., metavar="RUN_OR_DIR",
+        help="Run directories, or folders searched for every run below them (connect outputs for --kind "
+             "connect)."),
+    kind: str = typer.Option(
+        "phase", metavar="KIND",
+        help="phase: (train loss, GM) trajectories coloured by ELR; metrics: final metrics against ELR with "
+             "the phases, plus a phase table; cosine: cosines between neighbouring checkpoints per ELR; "
+             "connect: metrics against alpha of sphrun connect outputs; curvature: the phase diagram with a "
+             "curvature.csv measure; projection: the projection error 1 - r against ELR."),
+    out: Optional[str] = typer.Option(
+        None, metavar="FILE",
+        help="Figure file, .png, .svg or .pdf. (default: <kind>.png in the folder of the runs, "
+             "<run>-<kind>.png beside one run)"),
+    x: Optional[str] = typer.Option(
+        None, metavar="COLUMN",
+        help="phase and curvature kinds: the x column, from metrics.csv or curvature.csv. (default: "
+             "train_loss)"),
+    y: Optional[str] = typer.Option(
+        None, metavar="COLUMN",
+        help="phase and curvature kinds: the y column. (default: gm; for curvature the first measure in "
+             "curvature.csv)"),
+    aggregate: bool = typer.Option(
+        True, "--aggregate/--no-aggregate",
+        help="Runs that differ only in their seeds (--seed, --data-seed) form one group: metrics draws the mean "
+             "over the seeds with a band from the lowest to the highest seed (min-max), cosine pools their "
+             "cosines in one box per ELR, phase draws one line per seed in the group's colour, and the phase "
+             "table has one row per group. --no-aggregate draws every run alone."),
 ):
     """Draw the paper's figures from run directories, and tell which phase each run is in.
 
@@ -359,28 +444,33 @@ def plot(
     message(f"wrote {draw(paths, kind, out=out, x=x, y=y, aggregate=aggregate)}")
 
 
-@app.command()
+@app.command(cls=Command)
 def connect(
-    run_a: str = typer.Argument(..., help="Run directory of end A (alpha = 0)."),
-    run_b: str = typer.Argument(..., help="Run directory of end B (alpha = 1)."),
-    from_a: str = typer.Option("last", help="A's checkpoint: last, or the step of one."),
-    from_b: str = typer.Option("last", help="B's checkpoint: last, or the step of one."),
-    points: int = typer.Option(21, help="Number of alphas, evenly spaced in [0, 1], ends included (>= 2)."),
-    bn_batches: Optional[int] = typer.Option(None, help="Full train batches (of A's batch size) over which "
-                                                        "each point's BatchNorm running statistics are "
-                                                        "recomputed, as a plain average. (default: all)"),
-    project: Optional[bool] = typer.Option(None, "--project/--no-project",
-                                           help="Rescale each point to the sphere, radius (1 - alpha) rho_A + "
-                                                "alpha rho_B (the runs' radius). Only GM depends on it. "
-                                                "(default: on for runs on the sphere; runs trained off it "
-                                                "(--no-sphere) are never rescaled)"),
-    data_dir: Optional[str] = typer.Option(None, help="Where A's data set is. (default: A's --data-dir)"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[str] = typer.Option(None, help="Output folder. (default: connect/<A>@<step>--<B>@<step>"
-                                                 "[-p<points>][-bn<N>][-noproj][-tf32])"),
+    run_a: str = typer.Argument(..., metavar="RUN_A", help="Run directory of end A (alpha = 0)."),
+    run_b: str = typer.Argument(..., metavar="RUN_B", help="Run directory of end B (alpha = 1)."),
+    from_a: str = typer.Option("last", metavar="STEP", help="A's checkpoint: last, or the step of one."),
+    from_b: str = typer.Option("last", metavar="STEP", help="B's checkpoint: last, or the step of one."),
+    points: int = typer.Option(
+        21, metavar="N", help="Number of alphas, evenly spaced in [0, 1], ends included (>= 2)."),
+    bn_batches: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Full train batches (of A's batch size) over which each point's BatchNorm running statistics "
+             "are recomputed, as a plain average. (default: all)"),
+    project: Optional[bool] = typer.Option(
+        None, "--project/--no-project",
+        help="Rescale each point to the sphere, radius (1 - alpha) rho_A + alpha rho_B (the runs' radius). "
+             "Only GM depends on it. (default: on for runs on the sphere; runs trained off it (--no-sphere) "
+             "are never rescaled)"),
+    data_dir: Optional[str] = typer.Option(
+        None, metavar="DIR", help="Where A's data set is. (default: A's --data-dir)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
+    out: Optional[str] = typer.Option(
+        None, metavar="DIR",
+        help="Output folder. (default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32])"),
     tf32: bool = typer.Option(False, help=TF32_HELP),
 ):
-    """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (PAPER.md §4.2).
+    """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (docs/science.md,
+    Linear mode connectivity).
 
     At each point BatchNorm statistics are recomputed on the train set, then train loss/error and GM
     are measured in BN train mode (batch statistics, as metrics.csv) and test loss/error in eval mode.
@@ -394,40 +484,46 @@ def connect(
     from sphrun.connect import connect as run_connect, parse_which
 
     run_connect(run_a, run_b, parse_which(from_a, "--from-a"), parse_which(from_b, "--from-b"), points=points,
-                bn_batches=bn_batches, project=project, out=out,
-                device=device, data_dir=data_dir, argv=sys.argv, allow_tf32=tf32)
+                bn_batches=bn_batches, project=project, out=folder(out, "--out"),
+                device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv, allow_tf32=tf32)
 
 
-@app.command()
+@app.command(cls=Command)
 def curvature(
-    run: str = typer.Argument(..., help="Run directory."),
-    at: str = typer.Option("all", help="Checkpoints to measure: all, last, or steps like 100,200."),
-    measures: str = typer.Option("gm,fisher-trace,hessian-trace,hessian-eig",
-                                 help="Comma-separated, from: gm (mean over batches of the SI gradient norm, "
-                                      "BN train mode always, as metrics.csv); fisher-trace (trace of the "
-                                      "Gauss-Newton matrix mean_b J_b^T Q_b J_b, Q_b the Hessian of the "
-                                      "loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; "
-                                      "the Fisher for these losses); hessian-trace (trace of the Hessian of "
-                                      "the train loss); hessian-eig (the largest eigenvalue of that "
-                                      "Hessian: the top Ritz value of --lanczos Lanczos steps, which "
-                                      "approaches it from below). Matrices are over all SI parameters and "
-                                      "traces are totals over them, not per parameter."),
-    probes: int = typer.Option(5, help="Rademacher probe vectors per batch of the Hutchinson traces."),
-    lanczos: int = typer.Option(10, help="Lanczos steps (Hessian-vector products over all batches) of "
-                                         "hessian-eig."),
-    batches: Optional[int] = typer.Option(None, help="Measure over the first N full train batches of the "
-                                                     "run's batch size, those of metrics.csv. (default: all "
-                                                     "full batches; the n mod batch-size leftover images "
-                                                     "are left out, as training leaves them out)"),
-    bn_mode: str = typer.Option("train", help="BatchNorm during the second-order measures: train (batch "
-                                              "statistics, as the paper) or eval (running statistics)."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run directory."),
+    at: str = typer.Option(
+        "all", metavar="STEPS", help="Checkpoints to measure: all, last, or steps like 100,200."),
+    measures: str = typer.Option(
+        "gm,fisher-trace,hessian-trace,hessian-eig", metavar="MEASURES",
+        help="Comma-separated, from: gm (mean over batches of the SI gradient norm, BN train mode always, "
+             "as metrics.csv); fisher-trace (trace of the Gauss-Newton matrix mean_b J_b^T Q_b J_b, Q_b "
+             "the Hessian of the loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; the "
+             "Fisher for these losses); hessian-trace (trace of the Hessian of the train loss); hessian-eig "
+             "(the largest eigenvalue of that Hessian: the top Ritz value of --lanczos Lanczos steps, which "
+             "approaches it from below). Matrices are over all SI parameters and traces are totals over "
+             "them, not per parameter."),
+    probes: int = typer.Option(
+        5, metavar="N", help="Rademacher probe vectors per batch of the Hutchinson traces."),
+    lanczos: int = typer.Option(
+        10, metavar="N", help="Lanczos steps (Hessian-vector products over all batches) of hessian-eig."),
+    batches: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Measure over the first N full train batches of the run's batch size, those of metrics.csv; at "
+             "least 1. (default: all full batches; the n mod batch-size leftover images are left out, as "
+             "training leaves them out)"),
+    bn_mode: str = typer.Option(
+        "train", metavar="MODE",
+        help="BatchNorm during the second-order measures: train (batch statistics, as the paper) or eval "
+             "(running statistics)."),
     recompute: bool = typer.Option(False, help="Measure again steps already in curvature.csv."),
-    seed: int = typer.Option(0, help="Seed of the probes and of the Lanczos start vector."),
-    data_dir: Optional[str] = typer.Option(None, help="Where the run's data set is. (default: its --data-dir)"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, metavar="SEED", help="Seed of the probes and of the Lanczos start vector."),
+    data_dir: Optional[str] = typer.Option(
+        None, metavar="DIR", help="Where the run's data set is. (default: its --data-dir)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
     tf32: bool = typer.Option(False, help=TF32_HELP),
 ):
-    """Curvature of the train loss at a run's checkpoints (PAPER.md §2, §4.7; figures 22, 23).
+    """Curvature of the train loss at a run's checkpoints (docs/science.md, What is measured; the
+    paper's figures 22, 23).
 
     The loss is the mean of the batch losses L_b over the run's full train batches (those of
     metrics.csv: the n mod batch-size leftover images are left out), BatchNorm in train mode by
@@ -439,8 +535,8 @@ def curvature(
     from sphrun.curvature import run_curvature
 
     run_curvature(run, at, measures, probes=probes, lanczos=lanczos,
-                  batches=batches, bn_mode=bn_mode, recompute=recompute,
-                  seed=seed, device=device, data_dir=data_dir, allow_tf32=tf32)
+                  batches=at_least(batches, "--batches"), bn_mode=bn_mode, recompute=recompute,
+                  seed=seed, device=device, data_dir=folder(data_dir, "--data-dir"), allow_tf32=tf32)
 
 
 def main():

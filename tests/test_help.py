@@ -1,0 +1,69 @@
+"""`--help` of every command: placeholders survive, no type oddities, and `sphrun --version`."""
+
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import sphrun
+from sphrun.cli import app
+
+COMMANDS = ["train", "finetune", "plot", "connect", "curvature"]
+PLACEHOLDER = re.compile(r"<[A-Za-z][^<>]*>")  # <class>, <name from the settings>; not "x < y"
+
+
+def render(*args):
+    """The help text as a user sees it on a wide terminal, whitespace runs made single spaces."""
+    result = CliRunner().invoke(app, [*args, "--help"], terminal_width=240, max_content_width=240)
+    assert result.exit_code == 0, result.output
+    return result.output, " ".join(result.output.split())
+
+
+def help_sources(name):
+    """The command's docstring and the help of each of its parameters, as written in cli.py."""
+    command = typer.main.get_command(app).commands[name]
+    return [command.help or ""] + [param.help or "" for param in command.params]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_placeholder_of_the_help_source_is_shown(name):
+    _, shown = render(name)
+    written = {p for text in help_sources(name) for p in PLACEHOLDER.findall(" ".join(text.split()))}
+    lost = sorted(p for p in written if p not in shown)
+    assert not lost, f"{name} --help drops {lost}"
+
+
+def test_the_placeholders_users_need_are_there():
+    assert "train/<class>/<image>" in render("train")[1]
+    assert "runs/<name from the settings>" in render("train")[1]
+    assert "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo]" in render("finetune")[1]
+    assert "connect/<A>@<step>--<B>@<step>" in render("connect")[1]
+    assert "<run>-<kind>.png" in render("plot")[1]
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS])
+def test_no_type_oddities_in_usage_or_options(name):
+    raw, shown = render(*([name] if name else []))
+    usage = raw.strip().splitlines()[0]
+    assert "{" not in usage and "}" not in usage, usage
+    for oddity in ("<bool>", "<str>", "<int>", "<float>", "<list"):
+        assert oddity not in shown, f"{name} --help shows {oddity}"
+
+
+def test_usage_names_the_arguments():
+    assert render("finetune")[0].splitlines()[0].endswith("[OPTIONS] RUN")
+    assert render("connect")[0].splitlines()[0].endswith("[OPTIONS] RUN_A RUN_B")
+    assert render("plot")[0].splitlines()[0].endswith("[OPTIONS] RUN_OR_DIR...")
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"sphrun {sphrun.__version__}"
+    assert "--version" in render()[1]
+
+
+def test_help_cites_the_projects_own_docs():
+    for name in [None, *COMMANDS]:
+        assert "PAPER.md" not in render(*([name] if name else []))[1]
+    assert "docs/science.md" in render("finetune")[1]

@@ -116,8 +116,8 @@ class RunDir:
         header, rows = lines[0], lines[1:]
         missing = [c for c in METRICS_COLUMNS if c not in header]
         if missing:
-            raise self.damaged_metrics(f"has a foreign header (no {', '.join(missing[:3])}"
-                                       f"{', ...' if len(missing) > 3 else ''} column)")
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise self.damaged_metrics(f"has no column {', '.join(missing[:3])}{more} (a foreign header)")
         return [self.parse_metrics_row(header, values, number) for number, values in enumerate(rows, 2)]
 
     def parse_metrics_row(self, header, values, line):
@@ -146,14 +146,19 @@ class RunDir:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.metrics_path)
 
-    def truncate_metrics(self, last_iter):
-        """Drop rows past `last_iter` (written after the newest checkpoint by a killed process).
-
-        Refuses when no row at or before `last_iter` is left: every run writes its first row before its
-        first checkpoint, so the file was emptied or cut, and going on would drop its history."""
+    def metrics_until(self, last_iter):
+        """The rows a run resumed from its checkpoint at `last_iter` keeps. None left means a damaged file
+        (every run writes its first row before its first checkpoint): refused, as going on would drop the
+        history. Reads only, so a resume can check it before it announces itself."""
         rows = [r for r in self.read_metrics() if r["iter"] <= last_iter]
         if not rows:
             raise self.damaged_metrics(f"has no row at or before step {last_iter}, the newest checkpoint")
+        return rows
+
+    def truncate_metrics(self, last_iter):
+        """Drop rows past `last_iter` (written after the newest checkpoint by a killed process); refuses
+        as metrics_until does, before writing anything."""
+        rows = self.metrics_until(last_iter)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -229,8 +234,10 @@ class RunDir:
 
 
 def is_run_dir(path):
-    """Whether `path` holds a run: config.json beside checkpoints/ (a connect output has no checkpoints/)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+    """Whether `path` holds a run: config.json beside checkpoints/ or metrics.csv (a connect output has
+    config.json beside connect.csv)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and (
+        os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "metrics.csv")))
 
 
 def check_run_location(path):

@@ -57,10 +57,13 @@ def snapshot(path):
 
 
 def assert_one_line_naming(code, err, path):
+    """Exit 2 and one error line, the last, naming the file and what to do (a progress line such as
+    'resuming RUN' may come before it)."""
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert path in lines[0] and "restore it" in lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in err, err
+    assert path in errors[0] and "restore it" in errors[0]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

@@ -496,6 +496,8 @@ def bad_inputs(sweep, tmp):
     copy_run(sweep / "runs" / "elr1", tmp / "nocos")
     write_csv(tmp / "nocos" / "metrics.csv",
               [{k: v for k, v in r.items() if k != "cos_prev"} for r in RunDir(tmp / "nocos").read_metrics()])
+    copy_run(sweep / "runs" / "elr1", tmp / "nocurvature")  # a whole metrics.csv: nocos's is refused first
+    os.remove(tmp / "nocurvature" / "curvature.csv")
     copy_run(sweep / "runs" / "elr1", tmp / "mixed" / "a")
     copy_run(sweep / "runs" / "elr0.03", tmp / "mixed" / "b")
     set_setting(tmp / "mixed" / "b", dataset="cifar10")
@@ -512,7 +514,7 @@ def bad_inputs(sweep, tmp):
         "unknown kind": ([runs], ["--kind", "loss"], "unknown kind 'loss'"),
         "unknown extension": ([runs], ["--out", tmp / "x.jpg"], "must end in .png, .svg, .pdf"),
         "uneven spacing": ([tmp / "uneven"], ["--kind", "cosine"], "not equally spaced"),
-        "no curvature.csv": ([tmp / "nocos"], ["--kind", "curvature"], "no run has a curvature.csv"),
+        "no curvature.csv": ([tmp / "nocurvature"], ["--kind", "curvature"], "no run has a curvature.csv"),
         "not a folder": ([tmp / "missing"], [], "is not a directory"),
     }
 

@@ -14,7 +14,7 @@ MODELS = ("convnet", "vgg16bn", "resnet18")  # sphrun.models.ARCHITECTURES
 DEFAULT_WIDTH = {"convnet": 32, "vgg16bn": 64, "resnet18": 64}  # channels of the first convolution
 STEPS = ("sgd", "random", "ascent")  # the step direction: -grad, a random tangent one, +grad
 PRECISIONS = ("fp32", "bf16")  # bf16: convolutions and matrix products in bfloat16, the rest float32
-DEFAULT_INIT_SCALE = {"ce": 10.0, "mse": 1.5}  # Frobenius norm of the frozen last layer (PAPER.md §1)
+DEFAULT_INIT_SCALE = {"ce": 10.0, "mse": 1.5}  # Frobenius norm of the frozen last layer (docs/science.md, The model)
 
 # Settings that may differ between invocations on the same run directory: they change how long the
 # run goes or where it computes, never the trajectory it follows.

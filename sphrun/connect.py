@@ -1,4 +1,4 @@
-"""Linear mode connectivity (PAPER.md §4.2, figures 3, 5, 6): metrics along the segment between two
+"""Linear mode connectivity (docs/science.md, Linear mode connectivity; figures 3, 5, 6): metrics along the segment between two
 checkpoints of runs in one function space.
 
 At each alpha of an even grid in [0, 1], theta(alpha) = (1 - alpha) theta_A + alpha theta_B (alpha = 0

@@ -1,4 +1,4 @@
-"""Second-order measures of the train loss over the scale-invariant parameters (PAPER.md §2, §4.7).
+"""Second-order measures of the train loss over the scale-invariant parameters (docs/science.md, What is measured).
 
 The loss measured is the train loss L = sum_b w_b L_b over the full mini-batches b of the fixed
 permutation that train metrics use (w_b = |b| / images measured, equal weights since batches are full;

@@ -18,7 +18,7 @@ import torch
 from sphrun import SphrunError
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
-# Per-channel mean and std of the train images: CIFAR-10's are the paper's (PAPER.md §1).
+# Per-channel mean and std of the train images: CIFAR-10's are the paper's (docs/science.md, Data).
 NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),

@@ -1,4 +1,4 @@
-"""Fine-tuning from a checkpoint (PAPER.md §4, experiments 3-5): a child run that goes on from step ITER
+"""Fine-tuning from a checkpoint (docs/science.md, Fine-tuning experiments): a child run that goes on from step ITER
 of its parent with a new ELR, reached at once or along a linear transition, and optionally another step.
 
 The child continues the parent's lineage: the same model, data, loss, radius rho0 and batch stream (the

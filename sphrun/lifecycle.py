@@ -19,7 +19,7 @@ from sphrun.config import TrainConfig
 from sphrun.data import BatchOrder, load_data
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import message
-from sphrun.rundir import RunDir
+from sphrun.rundir import RunDir, check_run_location
 from sphrun.sphere import global_norm
 
 
@@ -275,6 +275,8 @@ def open_member(config, path, total, start=None):
         if run.has_checkpoint("last"):
             member.stored, member.checkpoint = stored, run.load_checkpoint("last")
             member.status = nothing_left(run, stored, config, member.begins_at, total) or "running"
+            if member.status == "running":
+                run.metrics_until(member.begins_at)  # a damaged metrics.csv is refused before any write
         else:
             message(f"{run} stopped before its first checkpoint: starting it again from its beginning")
     return member
@@ -301,6 +303,7 @@ def open_runs(configs, paths, start=None):
     if device.type == "cuda":  # streams and CUDA graphs work on the current device: make it this one
         torch.cuda.set_device(device)
     for config, path in zip(configs, paths):
+        check_run_location(path)
         if RunDir(path).exists():
             check_same_run(RunDir(path), config)
     data, identity = load_run_data(first, device)

@@ -16,7 +16,7 @@ from sphrun.sphere import global_norm
 
 def batch_loss(logits, targets, loss):
     """Mean loss over the batch. mse is the squared error to the one-hot target, averaged over classes
-    (the authors' code and PAPER.md §1; the summed form at elr x equals this one at elr C*x).
+    (the authors' code and docs/science.md, Losses; the summed form at elr x equals this one at elr C*x).
 
     Logits (B, K, C) of K packed models (sphrun.packed) give their K losses, each as for one model."""
     if logits.dim() == 3:
@@ -70,7 +70,7 @@ def train_metrics(model, params, x, y, loss, batch_size, order):
     per batch.
 
     `order` is a fixed permutation (so batches mix classes), cut by full_batches; loss and error are
-    means over the images of those batches, GM the mean over them of ||grad_params L_b|| (PAPER.md §2).
+    means over the images of those batches, GM the mean over them of ||grad_params L_b|| (docs/science.md, What is measured).
     A packed model of K models (logits (B, K, C), parameters packed along their first dimension) gives
     three lists of K values.
     """

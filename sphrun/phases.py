@@ -1,6 +1,6 @@
 """Which of the paper's three training regimes a run is in, read from its metrics.csv rows alone.
 
-The signatures are the paper's (PAPER.md §3), measured over the later half of the run (the evaluation
+The signatures are the paper's (docs/science.md, The three phases), measured over the later half of the run (the evaluation
 points at or after the middle step), and tried in this order:
 
     3  divergence          the train error stays at chance level (1 - 1/C) and neighbouring checkpoints

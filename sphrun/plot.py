@@ -1,4 +1,4 @@
-"""The paper's figures (PAPER.md §4) drawn from run directories and `sphrun connect` outputs.
+"""The paper's figures (docs/science.md) drawn from run directories and `sphrun connect` outputs.
 
 Figures are matplotlib Figure objects rendered by the Agg backend (no pyplot, no display), sized for one
 column of a two-column paper (3.4 in wide) and written atomically as .png, .svg or .pdf.

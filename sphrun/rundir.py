@@ -182,8 +182,9 @@ class RunDir:
         return os.path.isfile(self.checkpoint_path(which))
 
     def save_checkpoint(self, state, at_eval_point):
-        """Write `state` as last.pt and, at an evaluation point, as iter-NNNNNNN.pt too."""
-        targets = ["last"] + ([state["iter"]] if at_eval_point else [])
+        """Write `state` as last.pt and, at an evaluation point, as iter-NNNNNNN.pt too: that one first,
+        so that a run whose last.pt exists has every checkpoint its metrics.csv names."""
+        targets = ([state["iter"]] if at_eval_point else []) + ["last"]
         for which in targets:
             atomic_write(self.checkpoint_path(which), lambda f: torch.save(state, f))
 

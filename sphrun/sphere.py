@@ -1,6 +1,6 @@
 """The step on the sphere, the one place where trainable weights move.
 
-Conventions (PAPER.md §1): theta is all scale-invariant tensors together, rho = ||theta|| is one global
+Conventions (docs/science.md, The step): theta is all scale-invariant tensors together, rho = ||theta|| is one global
 norm, lr = elr * rho0^2, and after each step theta is back on the sphere of radius rho0.
 
 A step is a direction and a way to move along it. Directions: sgd (-grad), ascent (+grad) and random
@@ -121,7 +121,7 @@ def step_on_sphere(params, direction, lr, rho, geodesic=False, members=False):
 
     The nominal step turns theta by x = lr * ||direction|| / rho radians (= elr * ||grad|| on the unit
     sphere). Projected: theta <- proj_rho(theta + lr * direction), which turns it by arctan(x) only, so
-    r = arctan(x) / x is the true arc over the nominal one (PAPER.md §1, appendix 3; direction = -grad
+    r = arctan(x) / x is the true arc over the nominal one (docs/science.md, The step; direction = -grad
     is tangent since SI gradients are orthogonal to theta). Geodesic: theta <- cos(x) theta +
     sin(x) rho u with u the unit tangent direction, which turns it by exactly x (mod 2 pi), so r = 1.
     1 - r is a 0-d device tensor, accumulated without a host sync.

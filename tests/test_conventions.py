@@ -1,4 +1,4 @@
-"""Every convention of PAPER.md pinned to a value computed by hand, independently of sphrun's code:
+"""Every convention of docs/science.md pinned to a value computed by hand, independently of sphrun's code:
 the losses, train metrics and GM over full batches, test metrics in BN eval mode, the cosines, the ELR
 (one step's angle), the projection error, the transition schedule, the stratified subset, bf16 and the
 plain SGD step off the sphere."""

@@ -133,3 +133,15 @@ def test_resuming_or_extending_on_other_data_is_refused(tmp_path, cli, other):
     code, err = cli("finetune", tmp_path / "run", "--elr", "2e-3", "--iters", "4", "--data-dir", changed,
                     "--device", "cpu", "--out", tmp_path / "child")
     assert code == 0 and "other data" in err
+
+
+def test_a_run_is_never_written_inside_another_run_or_over_a_folder_of_runs(tmp_path, cli):
+    tiny = [*TINY_ARGS, "--iters", "2", "--eval-every", "2"]
+    assert cli("train", "--elr", "1e-3,2e-3", *tiny, "--out", tmp_path / "sweep")[0] == 0
+    run = tmp_path / "sweep" / os.listdir(tmp_path / "sweep")[0]
+    for out, says in ((run / "nested", "is a run directory"), (tmp_path / "sweep", "is a folder of runs")):
+        code, err = cli("train", "--elr", "5e-3", *tiny, "--out", out)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+    code, err = cli("finetune", run, "--elr", "5e-3", "--iters", "2", "--device", "cpu", "--out", run / "ft")
+    assert code == 2 and "is a run directory" in err
+    assert sorted(os.listdir(run)) == sorted(os.listdir(tmp_path / "sweep" / os.listdir(tmp_path / "sweep")[1]))

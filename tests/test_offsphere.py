@@ -1,4 +1,4 @@
-"""Conventional training off the sphere (PAPER.md §4.9): torch's SGD over every parameter, no projection."""
+"""Conventional training off the sphere (docs/science.md, Conventional training): torch's SGD over every parameter, no projection."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The phase classifier: hand-made tables for each signature of PAPER.md §3, the real sweep that issue 12
+"""The phase classifier: hand-made tables for each signature of docs/science.md (The three phases), the real sweep that issue 12
 reported, and simulated trajectories on the default evaluation schedule with realistic noise, where the
 rate of false phases is measured over many seeded tables."""
 

@@ -34,7 +34,7 @@ def test_projected_step_is_sgd_at_elr_rho0_squared_then_rescaled(tiny):
 
 
 def test_an_elr_turns_theta_by_the_same_angle_on_any_sphere(tiny):
-    """PAPER.md §1: SGD at lr on the sphere of radius rho is SGD at elr = lr / rho^2 on the unit sphere,
+    """docs/science.md, The step: SGD at lr on the sphere of radius rho is SGD at elr = lr / rho^2 on the unit sphere,
     so a step turns theta by arctan(elr * ||gradient on the unit sphere||) whatever rho. The unit-sphere
     gradient is rho ||g|| at any radius (gradients of SI weights scale with 1 / radius); radii 3 to 30
     times the init's keep BatchNorm's eps, which breaks the invariance by 4e-4 at the init, out of it."""

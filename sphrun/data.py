@@ -187,11 +187,14 @@ def stratified_subset(labels, subset, num_classes):
     return torch.sort(torch.cat(chosen)).values
 
 
-def synthetic_data(train_size=5000, test_size=1000, seed=0):
-    """A CIFAR-shaped 10-class set: one smooth random pattern per class plus per-image noise.
+def synthetic_data(train_size=5000, test_size=1000, seed=0, label_noise=0.4):
+    """A CIFAR-shaped 10-class set: one smooth random pattern per class plus per-image noise, and a
+    share `label_noise` of the train images with their labels shuffled among them (test labels clean).
 
-    Learnable (a small ConvNet gets under 10 % test error in a few hundred steps) yet not trivial,
-    so the three phases show on it too. Fully determined by `seed`.
+    The patterns alone are learnt in a few hundred steps, so without the shuffled labels every ELR either
+    fits the train set or random-walks. The shuffled ones must be memorized, as much of CIFAR-10 must: small
+    ELRs do it slowly (phase 1), larger ones settle at a level instead (phase 2). Class sizes stay equal.
+    Fully determined by `seed`.
     """
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(10, 3, 4, 4, generator=g)
@@ -206,6 +209,8 @@ def synthetic_data(train_size=5000, test_size=1000, seed=0):
 
     train_x, train_y = sample(train_size)
     test_x, test_y = sample(test_size)
+    noisy = torch.randperm(train_size, generator=g)[:round(label_noise * train_size)]
+    train_y[noisy] = train_y[noisy[torch.randperm(len(noisy), generator=g)]]
     return Data(train_x, train_y, test_x, test_y, 10, "synthetic")
 
 

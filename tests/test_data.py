@@ -122,6 +122,14 @@ def test_synthetic_is_deterministic_and_cifar_shaped():
     assert torch.bincount(a.train_y).tolist() == [500] * 10
 
 
+def test_synthetic_shuffles_a_share_of_the_train_labels_only():
+    noisy, clean = synthetic_data(), synthetic_data(label_noise=0)
+    assert torch.equal(noisy.train_x, clean.train_x) and torch.equal(noisy.test_y, clean.test_y)
+    wrong = (noisy.train_y != clean.train_y).float().mean().item()
+    assert 0.33 < wrong < 0.39  # 40 % shuffled, a tenth of those keep their class by chance
+    assert torch.bincount(noisy.train_y).tolist() == [500] * 10  # class sizes stay equal
+
+
 def test_batch_order_depends_on_data_seed_alone():
     a = BatchOrder(100, 10, data_seed=3, device="cpu")
     b = BatchOrder(100, 10, data_seed=3, device="cpu")

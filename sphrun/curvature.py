@@ -306,7 +306,7 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     at = parse_at(at) if isinstance(at, str) else at
     measures = parse_measures(measures) if isinstance(measures, str) else tuple(measures)
 
-    for name, value in (("--probes", probes), ("--lanczos", lanczos), ("--batches", batches or 1)):
+    for name, value in (("--probes", probes), ("--lanczos", lanczos), ("--batches", 1 if batches is None else batches)):
         if value < 1:
             raise SphrunError(f"{name} must be at least 1, got {value}")
     if bn_mode not in ("train", "eval"):
@@ -318,7 +318,7 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     available = stored["train_size"] // config.batch_size  # full batches, as train metrics
     if batches is not None and batches > available:
         raise SphrunError(f"--batches {batches} is more than the {available} train batches of {run}")
-    num_batches = batches or available
+    num_batches = available if batches is None else batches
     targets = resolve_targets(run, at)
     store = CurvatureFile(run)
     rows, stored_options = store.read()

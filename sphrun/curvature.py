@@ -306,7 +306,8 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     at = parse_at(at) if isinstance(at, str) else at
     measures = parse_measures(measures) if isinstance(measures, str) else tuple(measures)
 
-    for name, value in (("--probes", probes), ("--lanczos", lanczos), ("--batches", 1 if batches is None else batches)):
+    given_batches = 1 if batches is None else batches  # None: all of them
+    for name, value in (("--probes", probes), ("--lanczos", lanczos), ("--batches", given_batches)):
         if value < 1:
             raise SphrunError(f"{name} must be at least 1, got {value}")
     if bn_mode not in ("train", "eval"):

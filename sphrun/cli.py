@@ -207,7 +207,7 @@ TRAIN_OUT_HELP = ("With one ELR: the run directory itself (default: runs/<name f
                   "--out DIR/<name>, not --out DIR.")
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help="Train on the sphere at fixed ELRs: one run, or a packed sweep.")
 def train(
     elr: Optional[str] = typer.Option(
         None, metavar="ELR",
@@ -329,7 +329,7 @@ def train(
     run, status = training.train(configs[0], out, argv=sys.argv)
     message(f"{run}: {status}")
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help="Continue a run from a checkpoint with a new ELR or schedule.")
 def finetune(
     run: str = typer.Argument(
         ..., metavar="RUN", help="The parent run directory (made by sphrun train or finetune)."),
@@ -386,7 +386,7 @@ def finetune(
     message(f"{child}: {status}")
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help="Draw the paper's figures from runs, and classify their phases.")
 def plot(
     paths: list[str] = typer.Argument(
         ..., metavar="RUN_OR_DIR",
@@ -444,7 +444,7 @@ def plot(
     message(f"wrote {draw(paths, kind, out=out, x=x, y=y, aggregate=aggregate)}")
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help="Metrics along the straight line between two checkpoints.")
 def connect(
     run_a: str = typer.Argument(..., metavar="RUN_A", help="Run directory of end A (alpha = 0)."),
     run_b: str = typer.Argument(..., metavar="RUN_B", help="Run directory of end B (alpha = 1)."),
@@ -488,7 +488,7 @@ def connect(
                 device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv, allow_tf32=tf32)
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help="Gradient norm, Fisher and Hessian traces, top Hessian eigenvalue.")
 def curvature(
     run: str = typer.Argument(..., metavar="RUN", help="Run directory."),
     at: str = typer.Option(

@@ -285,8 +285,9 @@ def train(
              "passes. (default: all in one pass)"),
     shard: Optional[str] = typer.Option(
         None, metavar="I/N",
-        help="Train every N-th ELR of the list or grid, starting at the I-th (from 0), so N processes (a "
-             "SLURM array, GNU parallel) share one sweep on a shared file system."),
+        help="Train every N-th run of the grid (each ELR with each seed and data seed, ELR-major), starting "
+             "at the I-th (from 0), so N processes (a SLURM array, GNU parallel) share one sweep on a shared "
+             "file system."),
     out: Optional[str] = typer.Option(None, metavar="DIR", help=TRAIN_OUT_HELP),
 ):
     """Train a fully scale-invariant network on the sphere at a fixed effective learning rate, or

@@ -264,14 +264,15 @@ class Member:
 
 
 def open_member(config, path, total, start=None):
-    """The run of `config` in `path`: new, to resume or extend, or with nothing left to do.
+    """The run of `config` in `path` (checked by check_same_run): new, to resume or extend, or with
+    nothing left to do.
 
     A directory whose run stopped before its first checkpoint (killed, or a crash in its first
     evaluation) holds nothing worth keeping: it starts again from its beginning."""
     member = Member(config, RunDir(path), start=start)
     run = member.run
     if run.exists():
-        stored = check_same_run(run, config)
+        stored = run.read_config()
         if run.has_checkpoint("last"):
             member.stored, member.checkpoint = stored, run.load_checkpoint("last")
             member.status = nothing_left(run, stored, config, member.begins_at, total) or "running"

@@ -8,13 +8,13 @@ import json
 import math
 import os
 import statistics
-import sys
 
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 
+from test_plot import run_cli
 from sphrun.plot import (PHASE_COLORS, cosine_figure, find_dirs, group_table, load_runs, metrics_figure,
                          phase_figure, projection_figure)
 
@@ -151,18 +151,6 @@ def test_phase_table_has_one_row_per_group(sweep):
         assert row["steps"] == STEPS[-1]
         assert sorted(row["runs"].split(";")) == sorted(p for p, w in written.items() if w[0] == elr)
     assert [(row["phase"], row["agreement"]) for row in table] == [("1", "1 (3/3)"), ("2", "2 (2/3)")]
-
-
-def run_cli(monkeypatch, capsys, *args):
-    from sphrun.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["sphrun", "plot", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    return (code, *capsys.readouterr())
 
 
 def read_table(path):

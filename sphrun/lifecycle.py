@@ -23,10 +23,12 @@ from sphrun.rundir import RunDir, check_run_location
 from sphrun.sphere import global_norm
 
 
-def resolve_device(name):
-    """--device: auto, cpu, cuda or cuda:N, checked against what this machine has."""
+def use_device(name):
+    """The device that --device names (auto, cpu, cuda or cuda:N), checked against what this machine
+    has and set up for use. A CUDA device comes with its index (cuda and auto name the current one)
+    and becomes the current device: streams and CUDA graphs work on the current device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -40,6 +42,8 @@ def resolve_device(name):
         if device.index is not None and device.index >= count:
             raise SphrunError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
                               f"cuda:{count - 1}")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -227,7 +231,7 @@ def restore(path, which="last", device="cpu", data_dir=None):
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
     checkpoint = run.load_checkpoint(which)
-    data, model, params, order = prepare(config, resolve_device(device) if isinstance(device, str) else device)
+    data, model, params, order = prepare(config, use_device(device) if isinstance(device, str) else device)
     state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path(which))
     return run, config, data, model, params, order, state
 
@@ -300,9 +304,7 @@ def open_runs(configs, paths, start=None):
     against its settings before the data is loaded, and against the data after, before anything is
     written. `start`: a new fine-tune's parent checkpoint."""
     first = configs[0]
-    device = resolve_device(first.device)
-    if device.type == "cuda":  # streams and CUDA graphs work on the current device: make it this one
-        torch.cuda.set_device(device)
+    device = use_device(first.device)
     for config, path in zip(configs, paths):
         check_run_location(path)
         if RunDir(path).exists():

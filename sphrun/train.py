@@ -24,7 +24,7 @@ from sphrun.lifecycle import default_run_path, open_runs, prepare
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
-from sphrun.sphere import global_norm, learning_rate
+from sphrun.sphere import global_norm
 
 
 class Interrupted(Exception):
@@ -168,11 +168,10 @@ def pack_members(members, data, device):
         models.append(model)
     config = members[0].config
     pack = pack_models(models, config.sphere, device)
-    rho = torch.tensor([m.state.rho0 for m in members], device=device)
     momentum = None
     if not config.sphere and all(m.state.momentum is not None for m in members):
         momentum = [torch.stack(buffers) for buffers in zip(*(m.state.momentum for m in members))]
-    return pack, Step(pack, data, [m.config for m in members], rho, momentum)
+    return pack, Step(pack, data, [m.config for m in members], [m.state.rho0 for m in members], device, momentum)
 
 
 def train_pass(members, data, identity, order, device, total, argv):
@@ -218,19 +217,11 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
     points, divergence, Ctrl-C. Leaves the members' RunStates at the step reached."""
     it = members[0].state.iter
     pending = [s for s in eval_steps if s > it]
-    elrs = None
     label = f"{len(members)} runs" if len(members) > 1 else "train"
     with StopRequest() as stop, StepProgress(total, start=it, label=label) as bar:
         tick, since = time.perf_counter(), 0
         while it < total and any(m.status == "running" for m in members):
-            now_elrs = [m.config.elr_at(it) for m in members]
-            if now_elrs != elrs:  # a host-to-device copy only when an ELR changes
-                elrs = now_elrs
-                step.lr.copy_(torch.tensor([step_rate(m, e) for m, e in zip(members, elrs)]))
-            step.idx.copy_(order.indices(it))
-            if step.noise is not None:
-                step.draw_noise(it)
-            step()
+            step.take(it, order.indices(it))  # no host sync, no copy from the host (but a permutation an epoch)
             it, since = it + 1, since + 1
             at_eval = pending and it == pending[0]
             if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
@@ -242,7 +233,7 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
                 running = [k for k, m in enumerate(members) if m.status == "running"]
                 if running:
                     best = min(running, key=lambda k: losses[k])
-                    bar.update(it, losses[best], elrs[best])
+                    bar.update(it, losses[best], members[best].config.elr_at(it - 1))
             if at_eval:
                 pending.pop(0)
                 catch_up(members, step, it, since, tick)
@@ -263,11 +254,6 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
         if m.status == "running":
             m.run.set_status("done")
             m.status = "done"
-
-
-def step_rate(member, elr):
-    """The step's learning rate: elr * rho0^2 on the sphere, the plain rate in `elr` off it."""
-    return learning_rate(elr, member.state.rho0) if member.config.sphere else elr
 
 
 def catch_up(members, step, it, steps, tick):
@@ -337,11 +323,11 @@ def record(pack, step, data, order, members, which, keep):
     metrics in eval mode (sphrun.metrics)."""
     start = time.perf_counter()
     config = members[0].config
-    with mixed_precision(config.precision, data.train_x.device):
+    with mixed_precision(config.precision, step.device):
         train_loss, train_err, gm = train_metrics(pack, pack.params, data.train_x, data.train_y, config.loss,
                                                   config.batch_size, order.permutation(0))
         test_loss, test_err = eval_metrics(pack, data.test_x, data.test_y, config.loss)
-    norms = global_norm(pack.si_params, members=True).tolist()
+    norms = global_norm(pack.si_params, members=pack.form).tolist()
     rows = []
     for k in which:
         m = members[k]

@@ -18,7 +18,7 @@ import sphrun.curvature as curvature
 from conftest import REPO, TINY
 from sphrun.config import TrainConfig
 from sphrun.rundir import RunDir
-from sphrun.train import train, train_sweep
+from sphrun.train import train
 from test_lifecycle import small_cifar
 from test_train import assert_same_weights, final_state, rows_without_wall_time
 

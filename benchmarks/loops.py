@@ -9,6 +9,7 @@ sphrun's loop is `sphrun.train.run_pass` itself (the one loop of every run), wit
 in the timed window; a pack of K models counts K model-steps per step.
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -112,3 +113,53 @@ def sphrun_model_steps_per_second(configs, device, steps, warmup):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def vmap_model_steps_per_second(configs, device, steps, warmup):
+    """Model-steps/s of PyTorch's model-ensembling recipe, as a user would write it instead of sphrun's
+    pack: the K ConvNets' states stacked (torch.func.stack_module_state), one functional_call vmapped
+    over them, per-model gradients from torch.func.grad, then each model's SGD step with its own learning
+    rate and its rescale to its rho0. BatchNorm keeps no running statistics (replace_all_batch_norm_
+    modules_, the recipe's way round in-place buffer updates under vmap), which saves it work."""
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, stack_module_state, vmap
+
+    first = configs[0]
+    data, _ = load_run_data(first, device)
+    order = BatchOrder(len(data.train_y), first.batch_size, first.data_seed, device)
+    models = [build_model("convnet", c.width, data.num_classes, c.init_scale, c.seed, c.head_seed).to(device)
+              for c in configs]
+    for m in models:
+        replace_all_batch_norm_modules_(m)
+    params, buffers = stack_module_state(models)
+    names = [n for n, p in models[0].named_parameters() if p.requires_grad]
+    trainable = {n: params[n] for n in names}
+    frozen = {n: p for n, p in params.items() if n not in names}
+    base = models[0]
+    rho0 = torch.stack([p.reshape(len(configs), -1).square().sum(1) for p in trainable.values()]).sum(0).sqrt()
+    lr = torch.tensor([c.elr for c in configs], device=device) * rho0 ** 2
+    precision = torch.autocast(device.type, dtype=torch.bfloat16) if first.precision == "bf16" else None
+
+    def loss(weights, rest, x, y):
+        with precision or contextlib.nullcontext():
+            return batch_loss(functional_call(base, ({**weights, **rest}, {}), (x,)), y, first.loss)
+
+    step_grads = vmap(grad(loss), in_dims=(0, 0, None, None))
+
+    def step(it):
+        idx = order.indices(it)
+        grads = step_grads(trainable, frozen, data.train_x[idx], data.train_y[idx])
+        with torch.no_grad():
+            for n in names:
+                trainable[n].sub_(lr.view(-1, *[1] * (trainable[n].dim() - 1)) * grads[n])
+            norm = torch.stack([p.reshape(len(configs), -1).square().sum(1) for p in trainable.values()]).sum(0).sqrt()
+            for p in trainable.values():
+                p.mul_((rho0 / norm).view(-1, *[1] * (p.dim() - 1)))
+
+    for it in range(warmup):
+        step(it)
+    synchronize(device)
+    start = time.perf_counter()
+    for it in range(warmup, warmup + steps):
+        step(it)
+    synchronize(device)
+    return len(configs) * steps / (time.perf_counter() - start)

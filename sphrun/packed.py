@@ -99,8 +99,7 @@ class PackedConvNet(nn.Module):
         else:
             logits = torch.stack([self.forward_member(x, k) for k in range(self.members)], dim=1)
         if self.training:  # what each nn.BatchNorm2d counts in train mode (bookkeeping: momentum is fixed)
-            for bn in self.norms:
-                bn.num_batches_tracked.add_(1)
+            torch._foreach_add_([bn.num_batches_tracked for bn in self.norms], 1)
         return logits
 
     def forward_grouped(self, x):
@@ -112,7 +111,7 @@ class PackedConvNet(nn.Module):
                 kernel = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=memory_format)
                 h = F.conv2d(h, kernel, padding=1, groups=1 if h.shape[1] == w.shape[2] else self.members)
             elif kind == "bn":
-                h = self.normalize(h, self.norms[which], slice(None))
+                h = self.normalize(h, self.norms[which])
             else:
                 h = which(h)
         h = h.reshape(len(x), self.members, -1)  # channels are model-major
@@ -131,10 +130,12 @@ class PackedConvNet(nn.Module):
         return F.linear(h, self.head_weight[k], self.head_bias[k])
 
     @staticmethod
-    def normalize(h, bn, channels):
-        """nn.BatchNorm2d's computation on `channels` of `bn`, their running statistics updated in place."""
-        return F.batch_norm(h, bn.running_mean[channels], bn.running_var[channels], training=bn.training,
-                            momentum=bn.momentum, eps=bn.eps)
+    def normalize(h, bn, channels=None):
+        """nn.BatchNorm2d's computation on `channels` of `bn` (all by default), their running statistics
+        updated in place."""
+        mean, var = (bn.running_mean, bn.running_var) if channels is None else (
+            bn.running_mean[channels], bn.running_var[channels])
+        return F.batch_norm(h, mean, var, training=bn.training, momentum=bn.momentum, eps=bn.eps)
 
     def member_state_dict(self, k):
         """Model k's slice as a ConvNet's state dict (views of the packed state)."""
@@ -255,6 +256,7 @@ class Step:
         if momentum is None and not config.sphere:
             momentum = [torch.zeros_like(p) for p in self.params]
         self.momentum = momentum  # off the sphere: SGD's momentum buffers, packed like the weights
+        self.before = [torch.empty_like(p) for p in self.params]  # the weights before the step
         self.noise_keys = self.elements = None
         if config.step == "random":  # each member's stream from its seed, as its single run draws it
             self.noise_keys = random_keys([c.seed for c in configs]).to(device)
@@ -294,24 +296,25 @@ class Step:
             losses = batch_loss(self.pack(x), y, config.loss, members)
         grads = torch.autograd.grad(losses.sum(), params)  # the models are independent: the sum separates
         with torch.no_grad():
-            before = [p.clone() for p in params]
+            torch._foreach_copy_(self.before, params)
             if config.sphere:
                 drawn = None
                 if self.noise_keys is not None:
                     drawn = random_noise(params, self.noise_keys, self.counter, members, self.elements)
                 direction = step_direction(config.step, grads, params, members=members, noise=drawn)
-                proj_err = step_on_sphere(params, direction, self.lr, self.rho, config.geodesic, members)
-                norms = global_norm(params, members)
-                kept = (norms - self.rho).abs() <= 1e-3 * self.rho  # False for NaN
+                proj_err, norm = step_on_sphere(params, direction, self.lr, self.rho, config.geodesic, members)
             else:  # no projection: 1 - r is 0, and the norm only has to stay finite
                 sgd_step(params, grads, self.lr, config.momentum, config.wd, self.momentum)
-                proj_err = torch.zeros_like(losses)
-                kept = torch.isfinite(global_norm(params, members))
-            ok = self.alive & torch.isfinite(losses) & torch.isfinite(proj_err) & kept
-            for p, b in zip(params, before):
+                proj_err, norm = torch.zeros_like(losses), global_norm(params, members)
+            # finite: x * 0 is 0 for a finite x, NaN for an infinite or NaN one; on the sphere the
+            # rescale also needs a norm above 0
+            ok = self.alive & ((losses + proj_err + norm) * 0 == 0)
+            if config.sphere:
+                ok &= norm > 0
+            for p, b in zip(params, self.before):
                 p.copy_(torch.where(ok.view(-1, *[1] * (p.dim() - 1)), p, b))  # where: a NaN never leaks
             self.alive.copy_(ok)
-            self.proj_err_sum.add_(torch.where(ok, proj_err, torch.zeros_like(proj_err)))
+            self.proj_err_sum.add_(torch.where(ok, proj_err, 0.0))
             self.loss.copy_(losses.detach())
 
     def capture(self):

@@ -25,9 +25,8 @@ EACH, BATCHED = "each", "batched"
 def global_norm(tensors, members=False):
     """The L2 norm of all tensors taken together, as a 0-d device tensor (no host sync); for members,
     the K models' norms, shape (K,)."""
-    if members == BATCHED:
-        k = len(tensors[0])
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.reshape(k, -1), dim=1)
+    if members == BATCHED:  # over all dimensions but the first: no copy, whatever the memory format
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))
                                                      for t in tensors]), dim=0)
     if members:
         k = len(tensors[0])
@@ -39,8 +38,7 @@ def global_norm(tensors, members=False):
 def dot(a, b, members=False):
     """<a, b> with each tensor list taken as one vector, a 0-d device tensor (K of them for members)."""
     if members == BATCHED:
-        k = len(a[0])
-        return torch.stack([p.reshape(k, -1).sum(1) for p in torch._foreach_mul(a, b)]).sum(0)
+        return torch.stack([p.sum(tuple(range(1, p.dim()))) for p in torch._foreach_mul(a, b)]).sum(0)
     if members:
         k = len(a[0])
         return torch.stack([torch.sum(x[i] * y[i]) for i in range(k) for x, y in zip(a, b)]).view(k, -1).sum(1)
@@ -49,9 +47,10 @@ def dot(a, b, members=False):
 
 def per_model(value, tensors):
     """`value` as a factor of each tensor: a number or 0-d tensor as it is; K per-model values (packed
-    tensors) shaped to scale the K slices of each tensor."""
+    tensors) shaped to scale the K slices of each tensor (one view per number of dimensions)."""
     if torch.is_tensor(value) and value.dim() == 1:
-        return [value.view(-1, *[1] * (t.dim() - 1)) for t in tensors]
+        shaped = {d: value.view(-1, *[1] * (d - 1)) for d in {t.dim() for t in tensors}}
+        return [shaped[t.dim()] for t in tensors]
     return value
 
 
@@ -128,15 +127,19 @@ def sgd_step(params, grads, lr, momentum, wd, buffers):
 
 @torch.no_grad()
 def project_(params, rho, members=False):
-    """Rescale all tensors jointly, in place, to the global norm rho (per model for members)."""
+    """Rescale all tensors jointly, in place, to the global norm rho (per model for members); returns
+    the norm they had (a device tensor)."""
+    norm = global_norm(params, members)
     # reciprocal * rho, which is what rho / norm computes for a number rho: one rounding for both forms
-    torch._foreach_mul_(params, per_model(global_norm(params, members).reciprocal() * rho, params))
+    torch._foreach_mul_(params, per_model(norm.reciprocal() * rho, params))
+    return norm
 
 
 @torch.no_grad()
 def step_on_sphere(params, direction, lr, rho, geodesic=False, members=False):
-    """Move theta along `direction` with learning rate lr; returns the projection error 1 - r of this step.
-    For members, lr and rho are (K,) tensors, one value per model, and so is 1 - r.
+    """Move theta along `direction` with learning rate lr; returns the projection error 1 - r of this step
+    and the norm theta had before its rescale to rho, which is finite and positive exactly when the step
+    was. For members, lr and rho are (K,) tensors, one value per model, and so are the results.
 
     The nominal step turns theta by x = lr * ||direction|| / rho radians (= elr * ||grad|| on the unit
     sphere). Projected: theta <- proj_rho(theta + lr * direction), which turns it by arctan(x) only, so
@@ -156,11 +159,11 @@ def step_on_sphere(params, direction, lr, rho, geodesic=False, members=False):
         unit = torch._foreach_div(tangent, per_model(norm.clamp_min(tiny), tangent))
         torch._foreach_mul_(params, per_model(torch.cos(x), params))
         torch._foreach_add_(params, torch._foreach_mul(unit, per_model(rho * torch.sin(x), unit)))
-        project_(params, rho, members)  # the rotation keeps the norm; this only stops round-off from drifting
-        return torch.zeros_like(x)
+        norm = project_(params, rho, members)  # the rotation keeps the norm: this stops round-off drifting
+        return torch.zeros_like(x), norm
     x = lr * global_norm(direction, members) / rho
     # (lr * direction) first, not alpha=lr: alpha takes one number, and this rounds as the per-model form
     torch._foreach_add_(params, torch._foreach_mul(direction, per_model(lr, direction)))
-    project_(params, rho, members)
-    r = torch.where(x > 0, torch.atan(x) / x.clamp_min(tiny), torch.ones_like(x))
-    return 1 - r
+    norm = project_(params, rho, members)
+    r = torch.where(x > 0, torch.atan(x) / x.clamp_min(tiny), 1.0)
+    return 1 - r, norm

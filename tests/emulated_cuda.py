@@ -41,6 +41,7 @@ DATA_DEPENDENT_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_
 # Indexing a device tensor with host indices is allowed: torch copies the indices over first.
 HOST_INDEX_OPS = (aten.index.Tensor, aten.index_put_.default, aten._index_put_impl_.default,
                   aten.index_put.default)
+ALLOCATIONS = (aten.empty.memory_format, aten.empty_strided.default, aten._unsafe_view.default)
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu")
 
 
@@ -328,6 +329,15 @@ class Graph:
             self.overwritten, self.seen = [], set()
         for fault in em.faults:
             fault(self)
+
+    def kernels(self):
+        """The recorded ops that launch work on a GPU: not views (they alias their input, which a
+        graph does not replay) and not allocations."""
+        def launches(func):
+            returns = func._schema.returns
+            aliasing = returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+            return not aliasing and func not in ALLOCATIONS
+        return [op for op in self.recording if launches(op[0])]
 
     def replay(self):
         self.replays += 1

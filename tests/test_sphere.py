@@ -87,7 +87,7 @@ def test_projection_error_is_arctan_ratio():
     rho = 3.0
     direction = [torch.tensor([0.0, 2.0])]  # tangent
     lr = 0.6
-    proj_err = step_on_sphere(theta, direction, lr, rho)
+    proj_err, _ = step_on_sphere(theta, direction, lr, rho)
     x = lr * 2.0 / rho
     assert math.isclose(proj_err.item(), 1 - math.atan(x) / x, rel_tol=1e-6)
     # the realised angle is arctan(x), which 1 - r measures against the nominal x

@@ -36,7 +36,7 @@ def test_geodesic_step_turns_by_the_nominal_angle_and_keeps_the_norm(x):
     direction = torch._foreach_mul(tangent, x * rho / (lr * global_norm(tangent)))  # nominal angle x
     # a radial part must not change the move: only the tangent part moves theta along the sphere
     direction = [d + 0.3 * t for d, t in zip(direction, theta)]
-    proj_err = step_on_sphere(theta, direction, lr, rho, geodesic=True)
+    proj_err, _ = step_on_sphere(theta, direction, lr, rho, geodesic=True)
     assert math.isclose(angle(before, theta), x, rel_tol=1e-9)
     assert math.isclose(global_norm(theta).item(), rho, rel_tol=1e-12)
     assert proj_err.item() == 0
@@ -54,7 +54,7 @@ def test_projected_step_turns_by_arctan_of_the_nominal_angle():
     before = [t.clone() for t in theta]
     tangent = step_direction("random", [torch.ones_like(t) for t in theta], theta, seed=0, step=0)
     direction = torch._foreach_mul(tangent, x * rho / (lr * global_norm(tangent)))
-    proj_err = step_on_sphere(theta, direction, lr, rho)
+    proj_err, _ = step_on_sphere(theta, direction, lr, rho)
     assert math.isclose(angle(before, theta), math.atan(x), rel_tol=1e-9)
     assert math.isclose(proj_err.item(), 1 - math.atan(x) / x, rel_tol=1e-9)
 

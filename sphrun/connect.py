@@ -87,16 +87,18 @@ def incompatibility(a, b):
 
 @torch.no_grad()
 def recompute_bn_statistics(model, x, batches):
-    """BatchNorm running statistics as the plain average over `batches` of the batch statistics
-    (reset, then momentum None: PyTorch's cumulative average)."""
+    """BatchNorm running statistics as the plain average over `batches` of the batch statistics: reset,
+    then the i-th batch (from 0) weighted 1 / (i + 1), set from Python. (momentum=None would give the
+    same average, but reads the batch count back from the device at every BatchNorm of every batch.)"""
     norms = [m for m in model.modules() if isinstance(m, NORMALIZATIONS)]
     momenta = [m.momentum for m in norms]
     was_training = model.training
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
     model.train()
-    for idx in batches:
+    for i, idx in enumerate(batches):
+        for m in norms:
+            m.momentum = 1 / (i + 1)
         model(x[idx])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum

@@ -17,7 +17,8 @@ in train mode an image's logits depend on its whole batch, which J_b and Q_b tak
 
 Probes are drawn per batch: tr H = sum_b w_b tr H_b is estimated with fresh probes in every batch, so
 the batches' errors are independent and average out (with one probe shared by all batches they would
-add up, batch Hessians being alike), at the same cost.
+add up, batch Hessians being alike), at the same cost. They are drawn on the device from counters
+(sphrun.noise), so a measure makes no host sync per batch.
 
 On CUDA the measures run in full float32 (TF32 off) unless asked: TF32's 10-bit mantissa is noise in
 Hessian-vector products and Lanczos.
@@ -27,10 +28,9 @@ import csv
 import json
 import os
 
-import numpy as np
 import torch
 
-from sphrun import SphrunError, __version__
+from sphrun import SphrunError, __version__, noise
 from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, train_metrics
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import CannotWrite, RunDir, format_value, remove_temporaries, write_text
@@ -47,20 +47,25 @@ def unflat(vector, like):
     return [v.view_as(p) for v, p in zip(vector.split([p.numel() for p in like]), like)]
 
 
-def rademacher(generator):
-    """A probe source: probe(k, like) is a vector of independent +-1 shaped, typed and placed like `like`,
-    drawn on the CPU so that every device measures with the same probes."""
-    def probe(k, like):
-        signs = torch.randint(0, 2, like.shape, generator=generator)
-        return (2 * signs - 1).to(like.device, like.dtype)
-    return probe
+class Probes:
+    """Rademacher probes: probe(k, like), the k-th probe of a batch, is a vector of independent +-1
+    shaped, typed and placed like `like`, drawn on its device (sphrun.noise) from (seed, step, measure,
+    draw), so a checkpoint's value depends neither on the other checkpoints or measures computed with it
+    nor on the device, and drawing costs no host sync and no copy. (k is for sources like an explicit
+    basis; each draw here is new.)"""
 
+    def __init__(self, seed, it, measure):
+        self.base = noise.key(seed, noise.PROBE, it, MEASURES.index(measure))
+        self.drawn = 0
+        self.elements = {}  # element keys by length, computed once
 
-def probe_generator(seed, it, measure):
-    """A CPU generator seeded by (seed, step, measure): a checkpoint's value does not depend on which
-    other checkpoints or measures were computed in the same invocation, nor on the device."""
-    state = np.random.SeedSequence([seed, it, MEASURES.index(measure)]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
+    def __call__(self, k, like):
+        count = like.numel()
+        if count not in self.elements:
+            self.elements[count] = noise.element_keys(count, like.device)
+        signs = noise.rademacher(self.elements[count], noise.key_at(self.base, self.drawn))
+        self.drawn += 1
+        return signs.to(like.dtype).view_as(like)
 
 
 def batch_weights(batches):
@@ -156,7 +161,7 @@ def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, la
     mode, as in metrics.csv, whatever `bn_mode`.
     """
     batches = full_batches(order, batch_size)
-    probes_for = lambda name: rademacher(probe_generator(seed, it, name))
+    probes_for = lambda name: Probes(seed, it, name)
     values = {}
     with preserved_bn_state(model):
         if "gm" in measures:
@@ -206,9 +211,11 @@ def parse_at(text):
 
 # The options each measure's value depends on: values of other options never mix in one column. Besides
 # these, "data": the fingerprint of the data measured on, when it is not the run's own (--other-data).
-DEPENDS_ON = {"gm": ("batches", "tf32"), "fisher-trace": ("batches", "probes", "bn_mode", "seed", "tf32"),
-              "hessian-trace": ("batches", "probes", "bn_mode", "seed", "tf32"),
-              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed", "tf32")}
+# "generator": the probes' (sphrun.noise.GENERATOR), which an earlier sphrun's differ from.
+DEPENDS_ON = {"gm": ("batches", "tf32"),
+              "fisher-trace": ("batches", "probes", "bn_mode", "seed", "generator", "tf32"),
+              "hessian-trace": ("batches", "probes", "bn_mode", "seed", "generator", "tf32"),
+              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed", "generator", "tf32")}
 
 
 class CurvatureFile:
@@ -291,6 +298,9 @@ def reconcile(rows, stored, options, measures, recompute, path):
             theirs = stored.get(m) or {}
             differing = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in wanted[m].items()
                                   if theirs.get(k) != v)
+            if not recompute and theirs.get("generator") != wanted[m].get("generator"):
+                raise SphrunError(f"{path} has {m} measured with the probes of an earlier sphrun, which this "
+                                  f"version cannot draw again; pass --recompute to measure that column anew")
             if not recompute:
                 raise SphrunError(f"{path} has {m} measured with other options ({differing}); repeat them, "
                                   f"or pass --recompute to replace that column")
@@ -352,7 +362,7 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     store = CurvatureFile(run)
     rows, stored_options = store.read()
     options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed,
-               "tf32": allow_tf32}
+               "generator": noise.GENERATOR, "tf32": allow_tf32}
     restored = None
     if other_data:  # which data is measured on is an option of the columns: load it first
         restored = restore(path, targets[0][0], device, data_dir, other_data=True)

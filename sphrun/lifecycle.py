@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sphrun import SphrunError, __version__
+from sphrun import SphrunError, __version__, noise
 from sphrun.config import TrainConfig
 from sphrun.data import BatchOrder, load_data
 from sphrun.models import build_model, trainable_scale_invariant
@@ -157,8 +157,10 @@ def total_steps(config, steps_per_epoch):
 
 
 def run_record(config, data, identity, order, rho0, argv, parent=None):
-    """config.json's content for a new run; `identity`: its data's (data_identity)."""
-    return {"command": "finetune" if parent else "train", "settings": config.to_dict(),
+    """config.json's content for a new run; `identity`: its data's (data_identity). A random-step run
+    names the generator of its directions (sphrun.noise), which its resumes must share."""
+    random = {"random_directions": noise.GENERATOR} if config.step == "random" else {}
+    return {"command": "finetune" if parent else "train", "settings": config.to_dict(), **random,
             "data_source": data.source, "num_classes": data.num_classes, "train_size": len(data.train_y),
             "test_size": len(data.test_y), "data": identity,
             "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
@@ -189,6 +191,10 @@ def check_same_run(run, config):
         detail = ", ".join(f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in differing)
         raise SphrunError(f"{run} holds a run of another configuration ({detail}); "
                           f"choose another --out or repeat its settings")
+    if config.step == "random" and stored.get("random_directions") != noise.GENERATOR:
+        raise SphrunError(f"{run} took its random steps along the directions of an earlier sphrun, which this "
+                          f"version draws otherwise: finish it with the sphrun that started it, or train it "
+                          f"anew in another --out")
     return stored
 
 

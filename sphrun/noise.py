@@ -17,6 +17,9 @@ import math
 
 import torch
 
+# Names this generator in run files (a random-step run's config.json, curvature.json): draws of another
+# generator (an earlier sphrun's) never mix with its draws in one run or one column.
+GENERATOR = "sphrun.noise 1 (counter hash)"
 MASK = 0xFFFFFFFF
 MULTIPLIER = 0x45D9F3B
 # Stream names keep the draws of different uses apart (ASCII of "rand", "prob").

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from sphrun.config import TrainConfig
 from sphrun.curvature import (fisher_trace, flat, hessian_trace, hessian_vector_product,
-                              lanczos_top_eigenvalue, measure, rademacher, unflat)
+                              lanczos_top_eigenvalue, measure, Probes, unflat)
 from sphrun.metrics import batch_loss
 from sphrun.models import trainable_scale_invariant
 from sphrun.train import train
@@ -126,7 +126,7 @@ def test_hutchinson_converges_to_the_trace(problem):
     errors = {}
     for probes in (4, 256):
         estimates = [hessian_trace(net, params, x, y, "ce", batches[:1], probes,
-                                   rademacher(torch.Generator().manual_seed(seed))) for seed in range(2)]
+                                   Probes(seed, 0, "hessian-trace")) for seed in range(2)]
         errors[probes] = [abs(e - exact) for e in estimates]
         assert max(errors[probes]) <= 4 * (variance / probes) ** 0.5
     assert sum(errors[256]) < sum(errors[4]) / 2

@@ -18,9 +18,11 @@ from matplotlib.colors import to_hex
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.plot import (KINDS, PHASE_COLORS, STYLE, cosine_figure, draw_connect, figure_legend, find_dirs,
-                         group_series, group_table, load_run, load_runs, metrics_figure, new_figure,
-                         parent_rows, phase_figure, plot, projection_figure, set_scale, with_curvature)
+from sphrun.phases import group_table
+from sphrun.plot import (KINDS, cosine_figure, draw_connect, metrics_figure, phase_figure, plot, projection_figure,
+                         with_curvature)
+from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows
+from sphrun.style import PHASE_COLORS, STYLE, figure_legend, new_figure, set_scale
 from sphrun.rundir import RunDir
 from sphrun.train import train
 

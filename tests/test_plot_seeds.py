@@ -15,8 +15,10 @@ from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 
 from test_plot import run_cli
-from sphrun.plot import (PHASE_COLORS, cosine_figure, find_dirs, group_table, load_runs, metrics_figure,
-                         phase_figure, projection_figure)
+from sphrun.phases import group_table
+from sphrun.plot import cosine_figure, metrics_figure, phase_figure, projection_figure
+from sphrun.runs import find_dirs, load_runs
+from sphrun.style import PHASE_COLORS
 
 STEPS = [100 * k for k in range(12)]
 # the phase of seeds 0, 1, 2 at each ELR: all converge at 1e-3; at 1e-2 seed 0 random-walks and the others

@@ -8,33 +8,40 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 from matplotlib.cm import ScalarMappable
+from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from sphrun import SphrunError
 from sphrun.phases import group_table, majority_phase, report_phases, table_path_for
 from sphrun.progress import message
-from sphrun.runs import (CONNECT_MARKER, DATASET_NAMES, LOSS_NAMES, RUN_MARKER, dataset_key, describe_dataset,
-                         elr_text, find_dirs, find_settings, group_series, load_runs, note_repeated_seeds,
-                         parent_rows, read_connect, read_connect_config, read_curvature, require_columns,
-                         series_label)
-from sphrun.style import (BAND_ALPHA, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, axis_label, check_out, elr_norm,
-                          figure_legend, new_figure, phase_patches, save, set_scale, shown, styled)
+from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, RUN_MARKER, connect_train_size, dataset_key,
+                         describe_dataset, elr_text, find_dirs, find_settings, group_series, load_runs,
+                         note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,
+                         require_columns, series_label)
+from sphrun.style import (BAND_ALPHA, BAND_EDGE, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, PHASE_EDGES, axis_label,
+                          check_out, elr_norm, figure_legend, new_figure, phase_patches, save, set_scale, shown,
+                          styled)
 
 PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
 BOX_SLOT = 0.8  # of the room between neighbouring ELRs on the cosine figure, shared by their boxes
+CONNECT_MARGIN = 0.04  # of the alpha axis beyond each end, where the end's marker is drawn whole
+LONE_BAND = 1.2  # a single ELR's phase is shaded this factor either side of it, where its point is
+NEAR_BOUND = 0.5  # of the cosines' spread: 0 (uncorrelated) or 1 (parallel) that near them stays in view
 
 
 def title(runs):
     """'CIFAR-10 (5,000 train images), cross-entropy, ConvNet c=8': the data, the losses, the models."""
-    first = runs[0]
-    data = describe_dataset(*dataset_key(first))
-    losses = " and ".join(LOSS_NAMES.get(l, l) for l in sorted({r.loss for r in runs}))
-    models = sorted({(r.settings.get("model", "convnet"), r.settings.get("width")) for r in runs}, key=str)
-    model_text = ", ".join(f"{'ConvNet' if m == 'convnet' else m} c={w}" for m, w in models)
+    models = {(r.settings.get("model", "convnet"), r.settings.get("width")) for r in runs}
+    return heading(describe_dataset(*dataset_key(runs[0])), {r.loss for r in runs}, models)
+
+
+def heading(data, losses, models):
+    """The data set, the losses and the (model, width) pairs in one line, or two where one would not fit."""
+    losses = " and ".join(LOSS_NAMES.get(l, l) for l in sorted(losses))
+    model_text = ", ".join(f"{'ConvNet' if m == 'convnet' else m} c={w}" for m, w in sorted(models, key=str))
     text = f"{data}, {losses}, {model_text}"
     return text if len(text) <= 48 else f"{data}\n{losses}, {model_text}"  # 48 characters fill a column
-
 
 
 # --- connect -----------------------------------------------------------------------------------------
@@ -47,9 +54,11 @@ def connect_figure(connect_dirs, out_path):
 @styled
 def draw_connect(connect_dirs):
     """Metrics along the segment between two runs' weights (figures 3, 5, 6), one line per connect
-    output: train loss, train error, test error and GM (test loss where GM is absent) against alpha."""
-    curves = [(os.path.basename(os.path.normpath(d)), read_connect(d)) for d in connect_dirs]
-    settings = [find_settings(read_connect_config(d)) for d in connect_dirs]
+    output, named by its two ends: train loss, train error, test error and GM (test loss where GM is
+    absent) against alpha."""
+    configs = [read_connect_config(d) for d in connect_dirs]
+    curves = [(segment_label(d, c), read_connect(d)) for d, c in zip(connect_dirs, configs)]
+    settings = [find_settings(c) for c in configs]
     datasets = {(s.get("dataset"), s.get("subset")) for s in settings if s}
     if len(datasets) > 1:
         raise SphrunError("connect outputs on different data sets: plot each data set separately")
@@ -65,21 +74,27 @@ def draw_connect(connect_dirs):
         ax.set_xlabel(r"$\alpha$")
         ax.set_ylabel(axis_label(column, losses, short=True))
         set_scale(ax, "y", values, log=column in ("train_loss", "test_loss", "gm"))
-        ax.set_xlim(0, 1)
-    if len(curves) > 1:
-        figure_legend(figure, *axes[0, 0].get_legend_handles_labels())
+        ax.set_xlim(-CONNECT_MARGIN, 1 + CONNECT_MARGIN)  # the ends' markers whole, not cut by the axes
+    figure_legend(figure, *axes[0, 0].get_legend_handles_labels())
     s = settings[0] if settings and settings[0] else None
-    heading = "Linear mode connectivity"
+    text = "Linear mode connectivity"
     if s:
-        data = DATASET_NAMES.get(s["dataset"], s["dataset"])
-        if s.get("subset"):
-            data += f" (subset {s['subset']:g})"
-        heading += f"\n{data}, {LOSS_NAMES.get(s['loss'], s['loss'])}"
-        if "width" in s:
-            heading += f", ConvNet c={s['width']}"
-    figure.suptitle(heading)
+        data = describe_dataset(s["dataset"], connect_train_size(configs[0]))
+        text += "\n" + heading(data, {s["loss"]}, {(s.get("model", "convnet"), s.get("width"))})
+    figure.suptitle(text)
     return figure
 
+
+def segment_label(folder, config):
+    """A connect output's two ends by ELR, seed and step, as 'ELR 0.001 s0 @900 to ELR 0.001 s1 @900' (lr
+    for runs off the sphere); the folder's name when its config.json does not say."""
+    try:
+        ends = [config["a"], config["b"]]
+        return " to ".join(f"{'ELR' if e['settings'].get('sphere', True) else 'lr'} "
+                           f"{elr_text(float(e.get('elr') or e['settings']['elr']))} s{e['settings']['seed']}"
+                           f" @{e['iter']}" for e in ends)
+    except (KeyError, TypeError, ValueError):
+        return os.path.basename(os.path.normpath(folder))
 
 
 # --- phase diagrams ----------------------------------------------------------------------------------
@@ -117,7 +132,7 @@ def phase_figure(runs, x="train_loss", y="gm", aggregate=True):
     dashed and start from their parent's point at the fork."""
     by_path = {os.path.normpath(r.path): r for r in runs}
     cmap = ScalarMappable(norm=elr_norm([r.elr for r in runs]), cmap=ELR_COLORS)
-    figure, axes = new_figure(height=2.7)
+    figure, axes = new_figure(height=3.0)
     ax = axes[0, 0]
     all_x, all_y, orphan_parents = [], [], set()
     series = group_series(runs, aggregate)
@@ -142,7 +157,7 @@ def phase_figure(runs, x="train_loss", y="gm", aggregate=True):
     set_scale(ax, "y", all_y, log=y not in ("cos_prev", "cos_init"))
     figure.colorbar(cmap, ax=ax, label="ELR")
     seeds = max(len(group.runs) for line in series for group in line)
-    ax.legend(handles=phase_legend(runs, bool(orphan_parents), seeds), frameon=False, loc="best")
+    figure_legend(figure, phase_legend(runs, bool(orphan_parents), seeds))  # below: trajectories go anywhere
     ax.set_title(title(runs))
     return figure
 
@@ -183,18 +198,16 @@ def phase_legend(runs, parents_drawn=False, seeds=1):
 
 # --- final metrics and phases against the ELR -----------------------------------------------------------
 def shade_phases(ax, series_rows):
-    """Background bands of each run's phase, split at the geometric midpoints between neighbouring ELRs."""
+    """Background bands of each group's phase, split at the geometric midpoints between neighbouring ELRs
+    and ending at the outermost ones: no phase is claimed where nothing was measured."""
     elrs = [r["elr"] for r in series_rows]
     if len(elrs) == 1:
-        edges = [elrs[0] / 2, elrs[0] * 2]
+        edges = [elrs[0] / LONE_BAND, elrs[0] * LONE_BAND]
     else:
-        mids = [math.sqrt(a * b) for a, b in zip(elrs, elrs[1:])]
-        edges = [elrs[0] ** 2 / mids[0]] + mids + [elrs[-1] ** 2 / mids[-1]]
+        edges = [elrs[0]] + [math.sqrt(a * b) for a, b in zip(elrs, elrs[1:])] + [elrs[-1]]
     for row, lo, hi in zip(series_rows, edges, edges[1:]):
         if row["phase"] in PHASE_COLORS:
             ax.axvspan(lo, hi, color=PHASE_COLORS[row["phase"]], linewidth=0, zorder=0)
-
-
 
 
 @styled
@@ -212,20 +225,22 @@ def metrics_figure(runs, table, aggregate=True):
         values = []
         for line in series:
             values += draw_mean_and_band(ax, line, column, series_label(line, series))
-        set_scale(ax, "x", [row["elr"] for row in table])
+        set_scale(ax, "x", [row["elr"] for row in table], powers=True)
         set_scale(ax, "y", values, log=column in ("train_loss", "gm"))
         ax.set_ylabel(axis_label(column, losses, short=True))
         ax.set_xlabel("ELR")
-    handles = phase_patches([row["phase"] for row in shaded])
-    if len(series) > 1:
-        handles = axes[0, 0].get_legend_handles_labels()[0] + handles
+    handles, labels = axes[0, 0].get_legend_handles_labels() if len(series) > 1 else ([], [])
+    patches = phase_patches([row["phase"] for row in shaded])
+    handles, labels = handles + patches, labels + [p.get_label() for p in patches]
     seeds = {len(group.runs) for line in series for group in line}
-    if max(seeds) > 1:
+    if max(seeds) > 1:  # a key to the lines and bands, drawn as the first line is
+        first = axes[0, 0].get_lines()[0]
+        band = Patch(color=first.get_color(), alpha=BAND_ALPHA, linewidth=0)
+        handles.append((band, Line2D([], [], color=first.get_color(), marker=first.get_marker())))
         counted = f"{seeds.pop()} seeds" if len(seeds) == 1 else "seeds"
-        handles.append(Patch(color="0.5", alpha=BAND_ALPHA, linewidth=0,
-                             label=f"line: mean over {counted}; band: lowest to highest"))
+        labels.append(f"line: mean over {counted}; band: lowest to highest")
     if handles:
-        figure_legend(figure, handles)
+        figure_legend(figure, handles, labels)
     figure.suptitle(title(runs))
     return figure
 
@@ -241,7 +256,9 @@ def draw_mean_and_band(ax, line, column, label):
     if all(len(group.runs) == 1 for group in line):
         return means
     lows, highs = [f.min() for f in finals], [f.max() for f in finals]
-    ax.fill_between(elrs, lows, highs, color=drawn.get_color(), alpha=BAND_ALPHA, linewidth=0, zorder=1)
+    # outlined in full colour: over a phase's shading a pale fill alone turns muddy
+    ax.fill_between(elrs, lows, highs, facecolor=to_rgba(drawn.get_color(), BAND_ALPHA),
+                    edgecolor=drawn.get_color(), linewidth=BAND_EDGE, zorder=1)
     return means + lows + highs
 
 
@@ -302,22 +319,18 @@ def cosine_figure(runs, aggregate=True):
     placed, elrs = cosine_slots(series)
     phases = []
     for i, line in enumerate(series):
-        edge = f"C{i}" if len(series) > 1 else "black"
         for group in line:
             centre, width = placed[group.key]
-            pooled = [c for run in group.runs for c in cosines[run.path]]
-            boxes = ax.boxplot([pooled], positions=[centre], widths=width, patch_artist=True,
-                               manage_ticks=False, flierprops={"markersize": 2},
-                               medianprops={"color": "black"}, boxprops={"edgecolor": edge})
             phase = majority_phase(group)
-            boxes["boxes"][0].set_facecolor(PHASE_COLORS.get(phase, "white"))
             phases.append(phase)
+            pooled = [c for run in group.runs for c in cosines[run.path]]
+            draw_box(ax, pooled, centre, width, phase, f"C{i}" if len(series) > 1 else None)
     ax.set_xticks(range(len(elrs)), [elr_text(e) for e in elrs], rotation=90 if len(elrs) > 6 else 0)
     ax.set_xlim(-0.5, len(elrs) - 0.5)
-    ax.axhline(0, color="0.6", linewidth=0.5, zorder=0)
+    fit_cosine_axis(ax, [c for values in cosines.values() for c in values])
     ax.set_xlabel(axis_label("elr"))
     ax.set_ylabel(f"cosine between checkpoints\n{next(iter(spacing.values()))} steps apart")
-    handles = phase_patches(phases)
+    handles = phase_patches(phases, outlined=True)
     if len(series) > 1:
         handles += [Patch(facecolor="white", edgecolor=f"C{i}", label=series_label(line, series))
                     for i, line in enumerate(series)]
@@ -325,6 +338,30 @@ def cosine_figure(runs, aggregate=True):
         figure_legend(figure, handles)
     ax.set_title(title(runs))
     return figure
+
+
+def draw_box(ax, values, centre, width, phase, outline=None):
+    """A box of `values` filled with its phase's pale colour and drawn in its dark one, so that even a
+    flat box (cosines all alike) shows its phase; `outline`: the box's edge in its line's colour instead,
+    where several lines share the figure."""
+    dark = PHASE_EDGES.get(phase, "black")
+    lines = {"color": dark}
+    ax.boxplot([values], positions=[centre], widths=width, patch_artist=True, manage_ticks=False,
+               boxprops={"facecolor": PHASE_COLORS.get(phase, "white"), "edgecolor": outline or dark},
+               whiskerprops=lines, capprops=lines, medianprops=lines,
+               flierprops={"markersize": 2, "markeredgecolor": dark})
+
+
+def fit_cosine_axis(ax, cosines):
+    """The y axis fitted to the cosines, so that boxes within 0.94-1 are boxes, not flat bars; 0
+    (uncorrelated: a line marks it) and 1 (parallel) are kept in view only when the cosines come near."""
+    low, high = min(cosines), max(cosines)
+    near = NEAR_BOUND * max(high - low, 1e-3)
+    low, high = (min(low, 0.0) if low <= near else low), (1.0 if 1 - high <= near else high)
+    pad = 0.05 * max(high - low, 1e-3)
+    ax.set_ylim(low - pad, high + pad)
+    if low <= 0:
+        ax.axhline(0, color="0.6", linewidth=0.5, zorder=0)
 
 
 @styled
@@ -352,7 +389,7 @@ def projection_figure(runs, aggregate=True):
                     label=series_label(line, series) if len(series) > 1 else None)
         values += list(means - low)
     ax.axhline(100 * PROJECTION_LIMIT, color="0.4", linestyle=":", linewidth=0.8, label="2 %")
-    set_scale(ax, "x", [r.elr for r in runs])
+    set_scale(ax, "x", [r.elr for r in runs], powers=True)
     set_scale(ax, "y", values + [100 * PROJECTION_LIMIT])
     ax.set_xlabel(axis_label("elr"))
     ax.set_ylabel(axis_label("proj_err"))

@@ -327,6 +327,17 @@ def read_connect_config(folder):
     return config if isinstance(config, dict) else {}
 
 
+def connect_train_size(config):
+    """The train set's size of a connect output: recorded in its config.json, else (an output of an
+    older sphrun) read from end A's run where it still is; None when neither says."""
+    if isinstance(config.get("train_size"), int):
+        return config["train_size"]
+    try:
+        return RunDir(str(config["a"]["run"])).read_config().get("train_size")
+    except (KeyError, TypeError, SphrunError, OSError):
+        return None
+
+
 def find_settings(tree):
     """The first dict with a dataset and a loss anywhere in a connect config (the sources' settings)."""
     if isinstance(tree, dict):

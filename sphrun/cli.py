@@ -366,7 +366,8 @@ def finetune(
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
         help="Run directory of the fine-tune. (default: beside the parent, "
-             "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo], ft-lr<X> off the sphere); an existing one is "
+             "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo][-every<N>], ft-lr<X> off the sphere, every<N> "
+             "with --eval-every N); an existing one is "
              "resumed or extended."),
 ):
     """Fine-tune a run from one of its checkpoints with a new ELR (docs/science.md, Fine-tuning

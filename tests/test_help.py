@@ -37,7 +37,7 @@ def test_every_placeholder_of_the_help_source_is_shown(name):
 def test_the_placeholders_users_need_are_there():
     assert "train/<class>/<image>" in render("train")[1]
     assert "runs/<name from the settings>" in render("train")[1]
-    assert "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo]" in render("finetune")[1]
+    assert "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo][-every<N>]" in render("finetune")[1]
     assert "connect/<A>@<step>--<B>@<step>" in render("connect")[1]
     assert "<run>-<kind>.png" in render("plot")[1]
 

@@ -75,6 +75,10 @@ def test_the_cifar_download_names_the_broken_install_in_one_line(tmp_path, monke
     if how == "broken":
         assert "operator torchvision::nms does not exist" in text
     assert not (tmp_path / "empty").exists()  # nothing made for a download that never started
+    (tmp_path / "empty").mkdir()  # an empty --data-dir: the same line, the folder left as it was
+    with pytest.raises(SphrunError, match="missing or broken"):
+        load_data("cifar10", str(tmp_path / "empty"))
+    assert os.listdir(tmp_path / "empty") == []
 
 
 @pytest.mark.parametrize("how", ["missing", "broken"])

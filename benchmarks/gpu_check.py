@@ -32,7 +32,7 @@ from loops import reference_steps_per_second, sphrun_model_steps_per_second, uin
 
 from sphrun.cli import main as sphrun_main  # noqa: E402
 from sphrun.config import TrainConfig  # noqa: E402
-from sphrun.lifecycle import resolve_device  # noqa: E402
+from sphrun.lifecycle import use_device  # noqa: E402
 from sphrun.rundir import RunDir  # noqa: E402
 
 TINY = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "32", "--eval-every", "8"]
@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200, help="timed steps of each loop in (b)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (the CUDA graph capture too)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     print(f"sphrun gpu_check on {device} (torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name(device)})" if device.type == "cuda" else ")"), flush=True)
     failures = run_checks(str(device))

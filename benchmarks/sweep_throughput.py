@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loops import reference_steps_per_second, sphrun_model_steps_per_second, uint8_images  # noqa: E402
 
 from sphrun.config import TrainConfig  # noqa: E402
-from sphrun.lifecycle import resolve_device  # noqa: E402
+from sphrun.lifecycle import use_device  # noqa: E402
 from sphrun.rundir import RunDir  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def measure(queue, which, args):
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":  # every loop here times itself with perf_counter; make it count CPU time instead
         time.perf_counter = time.process_time
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     dataset = "cifar10" if args.data_dir else "synthetic"
     config = TrainConfig(elr=7e-4, dataset=dataset, data_dir=args.data_dir or "", width=args.width,
                          iters=args.steps, device=str(device), precision="bf16" if "bf16" in which else "fp32")
@@ -129,7 +129,7 @@ def main():
     parser.add_argument("--sweep-width", type=int, default=None, help="the sweep's width (default: --width)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     packs = [int(k) for k in args.packs.split(",")]
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     loops = ["reference", "single"] + [f"packed {k}" for k in packs] + (

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loops import reference_steps_per_second, sphrun_model_steps_per_second, uint8_images  # noqa: E402
 
 from sphrun.config import TrainConfig  # noqa: E402
-from sphrun.lifecycle import resolve_device  # noqa: E402
+from sphrun.lifecycle import use_device  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     dataset = "cifar10" if args.data_dir else "synthetic"
     config = TrainConfig(elr=7e-4, dataset=dataset, data_dir=args.data_dir or "", width=args.width,
                          iters=args.steps, device=str(device))

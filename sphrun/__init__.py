@@ -4,4 +4,5 @@ __version__ = "0.1.0"
 
 
 class SphrunError(Exception):
-    """A user-facing problem (bad input, foreign file): the CLI prints one line and exits 2."""
+    """A user-facing problem (bad input, foreign file): the CLI prints one line and exits `exit_code`."""
+    exit_code = 2

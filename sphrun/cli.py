@@ -5,13 +5,15 @@ import math
 import sys
 from typing import Optional
 
-import numpy as np
+try:  # Ctrl-C while the command starts: one line, as main() says it later, not a traceback
+    import typer
 
-import typer
-
-from sphrun import SphrunError, __version__
-from sphrun.config import TrainConfig, parse_subset
-from sphrun.progress import message
+    from sphrun import SphrunError, __version__
+    from sphrun.config import TrainConfig, parse_subset
+    from sphrun.progress import message
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 # No markup: help texts are printed as written (markdown mode ate <placeholders> as HTML tags) and
 # their paragraphs reflow to the terminal width.
@@ -93,6 +95,8 @@ def parse_elrs(text):
             raise SphrunError(f"--elr grid count must be at least 1, got {count} in {text!r}")
         if start > stop:
             raise SphrunError(f"--elr grid start {start:g} is above its stop {stop:g}: write start:stop:count")
+        import numpy as np
+
         values = [float(f"{v:.3g}") for v in np.logspace(math.log10(start), math.log10(stop), count)]
     else:
         values = [positive_elr(p) for p in text.split(",")]
@@ -133,12 +137,18 @@ def shard_of(runs, index, count):
     return mine
 
 
+MAX_SEEDS = 10_000  # more is a typo (0:10000000), not a sweep
+
+
 def parse_seeds(text, option="--seed"):
     """--seed, --data-seed: one seed (0), a list (0,1,2) or a range start:stop (0:5 is 0, 1, 2, 3, 4)."""
     text = text.strip()
     try:
         if ":" in text:
             start, stop = (int(p) for p in text.split(":"))
+            if stop - start > MAX_SEEDS:  # checked before listing them: 0:2^70 is a typo
+                raise SphrunError(f"{option} {text} gives more than {MAX_SEEDS} seeds, each a run of its "
+                                  f"own: give fewer")
             seeds = list(range(start, stop))
         else:
             seeds = [int(p) for p in text.split(",")]
@@ -150,6 +160,8 @@ def parse_seeds(text, option="--seed"):
                           f"stop must be above start")
     if min(seeds) < 0:
         raise SphrunError(f"{option} must be 0 or more, got {min(seeds)}")
+    if max(seeds) >= 2 ** 64:  # torch's generators take 64-bit seeds
+        raise SphrunError(f"{option} must be below 2^64, got {max(seeds)}")
     if len(set(seeds)) < len(seeds):
         raise SphrunError(f"{option} {text} repeats a seed: give distinct seeds")
     return seeds
@@ -295,7 +307,8 @@ def train(
     conventionally off it (--no-sphere --lr).
 
     Writes a run directory (config.json, metrics.csv, checkpoints/). Running the same command again
-    resumes it; a larger --epochs/--iters extends it. Ctrl-C saves and stops.
+    resumes it; a larger --epochs/--iters extends it. Ctrl-C, SIGTERM or SIGUSR1 save and stop (exit
+    128 + the signal's number).
 
     Several ELRs (--elr 1e-5:1:16 or 1e-4,1e-3) train as one packed network, the ConvNet on the sphere
     only: the same init and batches, one learning rate and one norm per model, each model writing the
@@ -444,7 +457,10 @@ def plot(
     undecided: fewer than 4 evaluation points in the later half, or no rule fits.
     """
     from sphrun.plot import plot as draw
+    from sphrun.rundir import check_output_file
 
+    if out is not None:
+        check_output_file(out)  # before the runs are read: a folder, a read-only place
     message(f"wrote {draw(paths, kind, out=out, x=x, y=y, aggregate=aggregate)}")
 
 
@@ -468,9 +484,14 @@ def connect(
     data_dir: Optional[str] = typer.Option(
         None, metavar="DIR", help="Where A's data set is. (default: A's --data-dir)"),
     device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
+    other_data: bool = typer.Option(
+        False, "--other-data",
+        help="Go on when the data set found (--data-dir) is not the one A was trained on, or B was trained "
+             "on other data than A: recorded in config.json. (default: refused)"),
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
-        help="Output folder. (default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32])"),
+        help="Output folder, a folder of its own: never a run directory, inside one, or a folder of runs. "
+             "(default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32])"),
     tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
 ):
     """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (docs/science.md,
@@ -489,7 +510,8 @@ def connect(
 
     run_connect(run_a, run_b, parse_which(from_a, "--from-a"), parse_which(from_b, "--from-b"), points=points,
                 bn_batches=bn_batches, project=project, out=folder(out, "--out"),
-                device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv, allow_tf32=tf32)
+                device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv, allow_tf32=tf32,
+                other_data=other_data)
 
 
 @app.command(cls=Command, short_help="Gradient norm, Fisher and Hessian traces, top Hessian eigenvalue.")
@@ -520,9 +542,15 @@ def curvature(
         help="BatchNorm during the second-order measures: train (batch statistics, as the paper) or eval "
              "(running statistics)."),
     recompute: bool = typer.Option(False, help="Measure again steps already in curvature.csv."),
-    seed: int = typer.Option(0, metavar="SEED", help="Seed of the probes and of the Lanczos start vector."),
+    seed: int = typer.Option(
+        0, metavar="SEED", help="Seed of the probes and of the Lanczos start vector, 0 or more."),
     data_dir: Optional[str] = typer.Option(
         None, metavar="DIR", help="Where the run's data set is. (default: its --data-dir)"),
+    other_data: bool = typer.Option(
+        False, "--other-data",
+        help="Measure on the data set found (--data-dir) though the run was trained on other data; the "
+             "columns then record that data's fingerprint in curvature.json, and never mix with values "
+             "measured on the run's own. (default: refused)"),
     device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
     tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
 ):
@@ -534,26 +562,40 @@ def curvature(
     default; BatchNorm buffers are left as found. Adds one row per step to RUN/curvature.csv (iter plus
     one column per measure); steps and measures already there are skipped unless --recompute. The
     settings used are kept in RUN/curvature.json, and values of other settings are never mixed in.
+    Several processes may measure one run at once: each value is merged into the files as written.
     Cost per checkpoint in passes over the batches: gm 1, each trace --probes, hessian-eig --lanczos.
     """
     from sphrun.curvature import run_curvature
 
     run_curvature(run, at, measures, probes=probes, lanczos=lanczos,
                   batches=at_least(batches, "--batches"), bn_mode=bn_mode, recompute=recompute,
-                  seed=seed, device=device, data_dir=folder(data_dir, "--data-dir"), allow_tf32=tf32)
+                  seed=seed, device=device, data_dir=folder(data_dir, "--data-dir"), allow_tf32=tf32,
+                  other_data=other_data)
 
 
 def main():
-    from sphrun.train import Interrupted
+    """The `sphrun` command: exit 0, 2 for a user's mistake or a damaged file, 1 for a write that failed (a
+    full disk), 128 + the signal's number when stopped by one (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1)."""
+    try:
+        run_app()
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (importing, loading data): nothing to save
+        message("interrupted")
+        sys.exit(130)
+
+
+def run_app():
+    import signal
+
+    from sphrun.train import Interrupted, StopNow  # imports torch, the slow part of starting
 
     try:
         app()
     except SphrunError as e:
         message(f"error: {e}")
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except Interrupted as e:
         message(str(e))
-        sys.exit(130)
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading data, measuring): nothing to save
-        message("interrupted")
-        sys.exit(130)
+        sys.exit(128 + e.signum)
+    except StopNow as e:  # SIGTERM or SIGUSR1 before training began: nothing to save
+        message(f"interrupted by {signal.Signals(e.signum).name}")
+        sys.exit(128 + e.signum)

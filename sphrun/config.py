@@ -139,10 +139,10 @@ def validate(c):
     else:
         need(c.step == "sgd" and not c.geodesic, "--step random/ascent and --geodesic are steps on the sphere; "
                                                  "off the sphere (--no-sphere) torch's SGD takes -gradient steps")
-    for name in ("seed", "head_seed", "data_seed"):
+    for name in ("seed", "head_seed", "data_seed"):  # torch's generators take 64-bit seeds
         value = getattr(c, name)
-        need(isinstance(value, int) and value >= 0, f"--{name.replace('_', '-')} must be a whole number 0 or more, "
-                                                    f"got {value}")
+        need(isinstance(value, int) and 0 <= value < 2 ** 64,
+             f"--{name.replace('_', '-')} must be a whole number 0 or more and below 2^64, got {value}")
     need(c.width >= 1, f"--width must be at least 1, got {c.width}")
     need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
     need(c.init_scale is None or (math.isfinite(c.init_scale) and c.init_scale > 0),

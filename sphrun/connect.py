@@ -21,7 +21,7 @@ from sphrun import SphrunError, __version__
 from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, build_model
 from sphrun.progress import StepProgress, message
-from sphrun.rundir import RunDir, format_value, write_text
+from sphrun.rundir import RunDir, cannot_write, check_output_folder, format_value, write_text
 from sphrun.sphere import global_norm, project_
 
 CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err", "gm")
@@ -134,11 +134,12 @@ def default_out(path_a, it_a, path_b, it_b, points, bn_batches, project, allow_t
 
 
 def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=None, project=None,
-            out=None, device="auto", data_dir=None, argv=(), allow_tf32=False):
+            out=None, device="auto", data_dir=None, argv=(), allow_tf32=False, other_data=False):
     """Metrics along the segment from A to B; writes OUT/connect.csv, OUT/config.json and the figure.
     Returns the output directory. `project` None: rescale the points for runs on the sphere, not for runs
-    trained off it (there a rescaled point computes another function). `allow_tf32`: TF32 on CUDA."""
-    from sphrun.lifecycle import restore
+    trained off it (there a rescaled point computes another function). `allow_tf32`: TF32 on CUDA.
+    `other_data`: go on on data other than A's, or with a B trained on other data than A (recorded)."""
+    from sphrun.lifecycle import data_difference, data_identity, restore
 
     if points < 2:
         raise SphrunError(f"--points must be at least 2 (the two ends), got {points}")
@@ -151,10 +152,13 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     if project and not a.config.sphere:
         raise SphrunError(f"--project rescales points to the sphere, but {a.run} was trained off it "
                           f"(--no-sphere), where that changes the function; drop --project")
+    between = data_difference(a.stored.get("data"), b.stored.get("data"))
+    if between and not other_data:
+        raise SphrunError(f"cannot connect {a.run} and {b.run}: they were trained on other data ({between}); "
+                          f"pass --other-data to measure both on A's")
     project = a.config.sphere if project is None else project
     out = out or default_out(path_a, a.iter, path_b, b.iter, points, bn_batches, project, allow_tf32)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SphrunError(f"--out {out} is a file; choose a folder")
+    check_output_folder(out)  # before any work: never over a run's files
     num_batches = a.stored["train_size"] // a.config.batch_size  # full batches, as train_metrics cuts them
     if bn_batches is not None and bn_batches > num_batches:
         raise SphrunError(f"--bn-batches {bn_batches} is more than the {num_batches} train batches of {a.run}")
@@ -162,7 +166,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
         message(f"note: the runs differ in batch size or batch order; train metrics use those of {a.run}, "
                 f"so the alpha = 1 end may differ from {b.run}'s own metrics")
 
-    run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir)
+    run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir, other_data)
     names = {id(p): n for n, p in model.named_parameters()}
     theta_a = [p.detach().clone() for p in params]
     theta_b = [b.checkpoint["model"][names[id(p)]].to(p.device, p.dtype) for p in params]
@@ -190,12 +194,16 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
                                "radius": rho, "settings": end.stored["settings"]}
     record = {"command": "connect", "a": source(a, rho_a), "b": source(b, rho_b),
               "points": points, "project": project, "bn_batches": bn_batches_used, "tf32": allow_tf32,
-              "batch_size": config.batch_size, "data_source": data.source,
+              "batch_size": config.batch_size, "data_source": data.source, "other_data": other_data,
+              "data": data_identity(data) if other_data else a.stored.get("data"),
               "train_size": a.stored["train_size"],  # for the figure's title, as the runs' figures give it
               "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
                           "test_err": barrier(alphas, [r["test_err"] for r in rows])},
               "versions": {"sphrun": __version__, "torch": torch.__version__}, "argv": list(argv)}
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(out, e) from e
     lines = [",".join(CONNECT_COLUMNS)] + [",".join(format_value(r[k]) for k in CONNECT_COLUMNS) for r in rows]
     write_text(os.path.join(out, "connect.csv"), "\n".join(lines) + "\n")
     write_text(os.path.join(out, "config.json"), json.dumps(record, indent=2) + "\n")

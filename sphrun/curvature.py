@@ -33,7 +33,7 @@ import torch
 from sphrun import SphrunError, __version__
 from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, train_metrics
 from sphrun.progress import StepProgress, message
-from sphrun.rundir import RunDir, format_value, write_text
+from sphrun.rundir import CannotWrite, RunDir, format_value, remove_temporaries, write_text
 
 MEASURES = ("gm", "fisher-trace", "hessian-trace", "hessian-eig")
 
@@ -204,7 +204,8 @@ def parse_at(text):
     return [t if t == "last" else int(t) for t in items]
 
 
-# The options each measure's value depends on: values of other options never mix in one column.
+# The options each measure's value depends on: values of other options never mix in one column. Besides
+# these, "data": the fingerprint of the data measured on, when it is not the run's own (--other-data).
 DEPENDS_ON = {"gm": ("batches", "tf32"), "fisher-trace": ("batches", "probes", "bn_mode", "seed", "tf32"),
               "hessian-trace": ("batches", "probes", "bn_mode", "seed", "tf32"),
               "hessian-eig": ("batches", "lanczos", "bn_mode", "seed", "tf32")}
@@ -212,11 +213,34 @@ DEPENDS_ON = {"gm": ("batches", "tf32"), "fisher-trace": ("batches", "probes", "
 
 class CurvatureFile:
     """RUN/curvature.csv (iter plus one column per measure, empty where not measured) and beside it
-    RUN/curvature.json, the options each column was measured with."""
+    RUN/curvature.json, the options each column was measured with. Several processes may measure one
+    run: each value is merged into the files as they are then, under a lock held for the write only."""
 
     def __init__(self, run):
+        self.run = run
         self.csv_path = os.path.join(run.path, "curvature.csv")
         self.json_path = os.path.join(run.path, "curvature.json")
+
+    def has(self, it, measure, options):
+        """Whether step `it` has `measure` measured with `options` (by another process, perhaps)."""
+        rows, stored = self.read()
+        return measure in rows.get(it, {}) and stored.get(measure) == options
+
+    def add(self, it, measure, value, options, replace):
+        """Merge one value, measured with `options`, into the files as they are now. A column of `measure`
+        measured with other options meanwhile is replaced when `replace` (--recompute), else refused."""
+        with self.run.lock(".curvature.lock", wait=True):
+            remove_temporaries(self.run.path, ("curvature.csv", "curvature.json"))  # dead writers'
+            rows, stored = self.read()
+            if any(measure in values for values in rows.values()) and stored.get(measure) != options:
+                if not replace:
+                    raise SphrunError(f"{self.csv_path} got {measure} measured with other options by "
+                                      f"another process meanwhile: the value {value:.9g} at step {it} was "
+                                      f"not written; pass --recompute to replace that column")
+                for values in rows.values():
+                    values.pop(measure, None)
+            rows.setdefault(it, {})[measure] = value
+            self.write(rows, {**stored, measure: options})
 
     def read(self):
         """({iter: {measure: value}}, {measure: options})."""
@@ -251,16 +275,17 @@ class CurvatureFile:
             if any(m in rows[it] for m in present):
                 lines.append(",".join([str(it)] + [format_value(rows[it][m]) if m in rows[it] else ""
                                                    for m in present]))
-        write_text(self.csv_path, "\n".join(lines) + "\n")
         record = {"options": {m: options.get(m) for m in present},
                   "versions": {"sphrun": __version__, "torch": torch.__version__}}
+        # the options first: a reader never finds a column whose options are not there yet
         write_text(self.json_path, json.dumps(record, indent=2) + "\n")
+        write_text(self.csv_path, "\n".join(lines) + "\n")
 
 
 def reconcile(rows, stored, options, measures, recompute, path):
     """Drop the columns of `measures` measured with other options when recomputing, refuse otherwise.
     Returns the options of every column after this invocation."""
-    wanted = {m: {k: options[k] for k in DEPENDS_ON[m]} for m in measures}
+    wanted = {m: {k: options[k] for k in (*DEPENDS_ON[m], "data") if k in options} for m in measures}
     for m in measures:
         if any(m in values for values in rows.values()) and stored.get(m) != wanted[m]:
             theirs = stored.get(m) or {}
@@ -295,13 +320,14 @@ def resolve_targets(run, at):
 
 
 def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batches=None, bn_mode="train",
-                  recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False):
+                  recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False, other_data=False):
     """Measure a run's checkpoints and extend RUN/curvature.csv; returns {step: {measure: value}} measured.
-    `allow_tf32`: TF32 convolutions and matrix products on CUDA (default full float32).
+    `allow_tf32`: TF32 convolutions and matrix products on CUDA (default full float32). `other_data`:
+    measure on data other than the run's (its fingerprint then becomes one of the columns' options).
 
     `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
     """
-    from sphrun.lifecycle import RunState, read_settings, restore
+    from sphrun.lifecycle import RunState, data_difference, data_identity, read_settings, restore
 
     at = parse_at(at) if isinstance(at, str) else at
     measures = parse_measures(measures) if isinstance(measures, str) else tuple(measures)
@@ -312,6 +338,8 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
             raise SphrunError(f"{name} must be at least 1, got {value}")
     if bn_mode not in ("train", "eval"):
         raise SphrunError(f"--bn-mode must be train or eval, got {bn_mode!r}")
+    if seed < 0:
+        raise SphrunError(f"--seed must be 0 or more, got {seed}")
     run = RunDir(path)
     stored, config = read_settings(run)
     if not isinstance(stored.get("train_size"), int):
@@ -325,6 +353,12 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     rows, stored_options = store.read()
     options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed,
                "tf32": allow_tf32}
+    restored = None
+    if other_data:  # which data is measured on is an option of the columns: load it first
+        restored = restore(path, targets[0][0], device, data_dir, other_data=True)
+        identity = data_identity(restored[2])
+        if data_difference(identity, stored.get("data")):
+            options["data"] = identity["fingerprint"]
     column_options = reconcile(rows, stored_options, options, measures, recompute, store.csv_path)
     todo = [(which, it, [m for m in measures if recompute or m not in rows.get(it, {})]) for which, it in targets]
     todo = [t for t in todo if t[2]]
@@ -332,7 +366,8 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
         message(f"{store.csv_path} already has {','.join(measures)} at the steps asked; "
                 f"--recompute to measure again")
         return {}
-    run, config, data, model, params, order, _ = restore(path, todo[0][0], device, data_dir)
+    run, config, data, model, params, order, _ = restored or restore(path, todo[0][0], device, data_dir)
+    loaded = targets[0][0] if restored else todo[0][0]
     # the batches of train metrics (metrics.train_metrics): slices of the epoch-0 permutation
     permutation = order.permutation(0)[:num_batches * config.batch_size]
     units = sum(cost_units(missing, num_batches, probes, lanczos) for _, _, missing in todo)
@@ -346,15 +381,22 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
             if bar.due():
                 bar.update(done)
 
-        for i, (which, it, missing) in enumerate(todo):
-            if i:
+        for which, it, missing in todo:
+            if which != loaded:
                 RunState.from_checkpoint(run.load_checkpoint(which), model, params, run.checkpoint_path(which))
+                loaded = which
             for m in missing:  # one at a time, so that long work shows a line as each value comes
+                if not recompute and store.has(it, m, column_options[m]):
+                    continue  # another process measured it meanwhile
                 value = measure(model, params, data.train_x, data.train_y, config.loss, permutation,
                                 config.batch_size, [m], probes, lanczos, bn_mode, seed, it, advance)[m]
-                rows.setdefault(it, {})[m] = value
+                try:
+                    store.add(it, m, value, column_options[m], recompute)
+                except CannotWrite as e:
+                    raise CannotWrite(f"{e}: {m} at step {it} ({value:.9g}) is not saved, the values before "
+                                      f"it are; free some space, then run the same command to measure the "
+                                      f"rest") from e
                 measured.setdefault(it, {})[m] = value
-                store.write(rows, column_options)
                 bar.log(f"step {it:>7d}  {m} {value:.6g}")
         bar.update(done)
     return measured

@@ -9,6 +9,7 @@ evaluation point, the projection error accumulated since then). The batch order 
 
 import dataclasses
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -23,10 +24,12 @@ from sphrun.rundir import RunDir, check_run_location
 from sphrun.sphere import global_norm
 
 
-def resolve_device(name):
-    """--device: auto, cpu, cuda or cuda:N, checked against what this machine has."""
+def use_device(name):
+    """The device that --device names (auto, cpu, cuda or cuda:N), checked against what this machine
+    has and set up for use. A CUDA device comes with its index (cuda and auto name the current one)
+    and becomes the current device: streams and CUDA graphs work on the current device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -40,6 +43,8 @@ def resolve_device(name):
         if device.index is not None and device.index >= count:
             raise SphrunError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
                               f"cuda:{count - 1}")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -200,49 +205,57 @@ def default_run_path(config):
 
 
 def nothing_left(run, stored, config, at, total):
-    """The status of an existing run (`stored`: its config.json) at step `at` that has nothing left to do
-    on the way to step `total` (done, or diverged), after saying so; None when it has. A run already
-    past `total` is refused."""
+    """(status, the line that says so) of an existing run (`stored`: its config.json) at step `at` that
+    has nothing left to do on the way to step `total` (done, or diverged); None when it has. A run
+    already past `total` is refused."""
     if stored["status"] == "diverged":
-        message(f"{run} diverged earlier; nothing to do")
-        return "diverged"
+        return "diverged", f"{run} diverged earlier; nothing to do"
     if at > total:
         raise SphrunError(f"{run} is already at step {at}, past the {total} steps asked; "
                           f"ask for more steps to extend it")
-    if at == total and stored["status"] == "done":
-        message(f"{run} is complete ({total - config.origin} steps); "
-                f"ask for more --epochs or --iters to extend it")
-        return "done"
+    if at == total:  # done, or stopped at its last step before it could say so
+        return "done", (f"{run} is complete ({total - config.origin} steps); "
+                        f"ask for more --epochs or --iters to extend it")
     return None
 
 
-def restore(path, which="last", device="cpu", data_dir=None):
+def restore(path, which="last", device="cpu", data_dir=None, other_data=False):
     """Rebuild a saved run at one of its checkpoints: (run, config, data, model, params, order, state).
 
     `which` is "last" or a step with a checkpoint; `data_dir` overrides the stored one (the run may have
-    been made in another working directory).
+    been made in another working directory). Data other than the run's is refused unless `other_data`.
     """
     run = RunDir(path)
-    _, config = read_settings(run)
+    stored, config = read_settings(run)
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
     checkpoint = run.load_checkpoint(which)
-    data, model, params, order = prepare(config, resolve_device(device) if isinstance(device, str) else device)
+    device = use_device(device) if isinstance(device, str) else device
+    data, identity = load_run_data(config, device)
+    difference = data_difference(identity, stored.get("data"))
+    if difference and not other_data:
+        raise SphrunError(f"{run} was trained on other data ({difference}; it used "
+                          f"{stored.get('data_source')}): point --data-dir at its data, or pass --other-data "
+                          f"to go on with these")
+    if difference:
+        message(f"note: {run} was trained on other data ({difference}); going on with these (--other-data)")
+    data, model, params, order = prepare(config, device, data)
     state = RunState.from_checkpoint(checkpoint, model, params, run.checkpoint_path(which))
     return run, config, data, model, params, order, state
 
 
 @dataclass
 class Member:
-    """One run of a pass of the loop: its settings, run directory, where it starts (its own last
-    checkpoint, a parent's for a new fine-tune, or its init) and, once packed, its state."""
+    """One run of a pass of the loop: its settings, run directory, where it starts (its own checkpoint,
+    a parent's for a new fine-tune, or its init) and, once packed, its state."""
     config: TrainConfig
     run: RunDir
     start: Start | None = None  # a new fine-tune's parent checkpoint
     stored: dict | None = None  # config.json of an existing run with a checkpoint to resume from
-    checkpoint: dict | None = None  # that checkpoint (last.pt)
+    checkpoint: dict | None = None  # that checkpoint (last.pt, or the newest sound one)
     status: str = "running"  # running while it has work to do, else the run's status
     state: RunState | None = None
+    note: str | None = None  # what the command does with it, said once every run passed its checks
 
     @property
     def begins_at(self):
@@ -251,7 +264,7 @@ class Member:
     def load_state(self, model, params):
         """Load `model` (the member's, freshly built) where the member begins, and set its RunState."""
         if self.checkpoint:
-            self.state = RunState.from_checkpoint(self.checkpoint, model, params, self.run.checkpoint_path("last"))
+            self.state = RunState.from_checkpoint(self.checkpoint, model, params, self.run.checkpoint_dir)
         elif self.start:
             self.state = RunState.from_checkpoint(self.start.checkpoint, model, params, self.start.path)
         else:
@@ -263,23 +276,34 @@ class Member:
         return run_record(self.config, data, identity, order, self.state.rho0, argv, parent)
 
 
-def open_member(config, path, total, start=None):
+def open_member(config, path, total, start=None, steps_per_epoch=None):
     """The run of `config` in `path` (checked by check_same_run): new, to resume or extend, or with
-    nothing left to do.
+    nothing left to do. Reads only: every refusal comes before anything is written.
 
-    A directory whose run stopped before its first checkpoint (killed, or a crash in its first
-    evaluation) holds nothing worth keeping: it starts again from its beginning."""
+    It resumes from its last checkpoint, or the newest sound one (RunDir.resume_point), after checking
+    that metrics.csv has every row up to there. A directory whose run stopped before its first
+    checkpoint (killed, or a crash in its first evaluation) holds nothing worth keeping: it starts again
+    from its beginning."""
+    from sphrun.train import evaluation_steps  # train imports this module
+
     member = Member(config, RunDir(path), start=start)
     run = member.run
     if run.exists():
         stored = run.read_config()
-        if run.has_checkpoint("last"):
-            member.stored, member.checkpoint = stored, run.load_checkpoint("last")
-            member.status = nothing_left(run, stored, config, member.begins_at, total) or "running"
-            if member.status == "running":
-                run.metrics_until(member.begins_at)  # a damaged metrics.csv is refused before any write
+        checkpoint, member.note = run.resume_point(config.origin)
+        if checkpoint is not None:
+            member.stored, member.checkpoint = stored, checkpoint
+            ended = nothing_left(run, stored, config, member.begins_at, total)
+            if ended:
+                member.status, member.note = ended
+            else:
+                run.check_rows(evaluation_steps(config.origin, total, steps_per_epoch, config.eval_every),
+                               member.begins_at)
         else:
-            message(f"{run} stopped before its first checkpoint: starting it again from its beginning")
+            member.note = f"{run} stopped before its first checkpoint: starting it again from its beginning"
+    elif os.path.exists(run.metrics_path) or run.checkpoint_iters() or run.has_checkpoint("last"):
+        raise SphrunError(f"{run} holds a run's metrics or checkpoints but no config.json: restore it from a "
+                          f"copy, or choose another --out")
     return member
 
 
@@ -295,26 +319,33 @@ class Runs:
     device: torch.device
 
 
-def open_runs(configs, paths, start=None):
-    """Open the runs of `configs` (alike but for ELR and seeds) in `paths`: every directory is checked
-    against its settings before the data is loaded, and against the data after, before anything is
-    written. `start`: a new fine-tune's parent checkpoint."""
+def open_runs(configs, paths, locks, start=None):
+    """Open the runs of `configs` (alike but for ELR and seeds) in `paths`, each locked into `locks` (an
+    ExitStack) before it is read: every directory is checked against its settings before the data is
+    loaded, and against the data and its own files after, before anything is written. `start`: a new
+    fine-tune's parent checkpoint."""
     first = configs[0]
-    device = resolve_device(first.device)
-    if device.type == "cuda":  # streams and CUDA graphs work on the current device: make it this one
-        torch.cuda.set_device(device)
+    device = use_device(first.device)
     for config, path in zip(configs, paths):
         check_run_location(path)
         if RunDir(path).exists():
+            locks.enter_context(RunDir(path).lock())
             check_same_run(RunDir(path), config)
     data, identity = load_run_data(first, device)
     orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
     total = total_steps(first, orders[first.data_seed].steps_per_epoch)
-    members = [open_member(c, p, total, start) for c, p in zip(configs, paths)]
+    members = [open_member(c, p, total, start, orders[c.data_seed].steps_per_epoch)
+               for c, p in zip(configs, paths)]
     for m in members:
         if m.stored:
             check_same_data(m.run, m.stored, identity)
         elif m.start and data_difference(identity, m.start.data):
-            message(f"note: {m.start.parent['run']} was trained on other data "
-                    f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
+            m.note = (f"note: {m.start.parent['run']} was trained on other data "
+                      f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
+    for m in members:
+        if not m.run.exists():  # a new run: its directory is made and locked once every check passed
+            locks.enter_context(m.run.lock())
+            if m.run.exists():
+                raise SphrunError(f"another process started a run in {m.run} meanwhile: run the command "
+                                  f"again")
     return Runs(members, data, identity, orders, total, device)

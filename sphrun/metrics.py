@@ -11,14 +11,23 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from sphrun.sphere import global_norm
+from sphrun.sphere import BATCHED, EACH, global_norm
 
 
-def batch_loss(logits, targets, loss):
+def batch_loss(logits, targets, loss, members=EACH):
     """Mean loss over the batch. mse is the squared error to the one-hot target, averaged over classes
     (the authors' code and docs/science.md, Losses; the summed form at elr x equals this one at elr C*x).
 
-    Logits (B, K, C) of K packed models (sphrun.packed) give their K losses, each as for one model."""
+    Logits (B, K, C) of K packed models (sphrun.packed) give their K losses: model by model as for one
+    model (members EACH), or all K at once (BATCHED: the per-image losses, then their means)."""
+    if logits.dim() == 3 and members == BATCHED:
+        batch, k, classes = logits.shape
+        if loss == "ce":
+            per_image = F.cross_entropy(logits.reshape(batch * k, classes), targets.repeat_interleave(k),
+                                        reduction="none")
+            return per_image.view(batch, k).mean(0)
+        one_hot = F.one_hot(targets, classes).to(logits.dtype)
+        return (logits - one_hot[:, None]).square().mean((0, 2))
     if logits.dim() == 3:
         return torch.stack([batch_loss(logits[:, k], targets, loss) for k in range(logits.shape[1])])
     if loss == "ce":
@@ -78,13 +87,15 @@ def train_metrics(model, params, x, y, loss, batch_size, order):
     wrong = torch.zeros((), device=x.device)
     grad_norms = []
     batches = full_batches(order, batch_size)
+    form = getattr(model, "form", EACH)  # a pack's (sphrun.packed), for its K models
     with preserved_bn_state(model):
         model.train()
         for idx in batches:
             logits = model(x[idx])
-            value = batch_loss(logits, y[idx], loss)
+            members = form if logits.dim() == 3 else False
+            value = batch_loss(logits, y[idx], loss, members)
             grads = torch.autograd.grad(value.sum(), params)  # packed models are independent: the sum separates
-            grad_norms.append(global_norm(grads, members=logits.dim() == 3))
+            grad_norms.append(global_norm(grads, members))
             total_loss = total_loss + value.detach() * len(idx)
             wrong = wrong + errors(logits, y[idx])
     n = len(batches) * batch_size

@@ -3,7 +3,7 @@
 Every run trains as a pack: several ELRs of the ConvNet on the sphere as K packed ConvNets, any other
 run (one ELR, another model, off the sphere) as a pack of one. A pack's trainable tensors carry the
 models along their first dimension, (K, ...), so norms, learning rates and projections are per slice
-(sphrun.sphere with members=True), and its forward gives logits (B, K, classes). The models never mix:
+(sphrun.sphere with members), and its forward gives logits (B, K, classes). The models never mix:
 the gradient of the sum of their losses is each model's own gradient.
 
 PackedConvNet: every BatchNorm holds K*C channels, the frozen last layers are stacked. On CUDA one
@@ -12,8 +12,9 @@ channels, so every model keeps its own batch statistics exactly; on the CPU each
 slices with the very calls of its single run (the class says why).
 
 The step (Step) reads its inputs from and writes its outputs to fixed device tensors, so that on CUDA
-it is captured once in a CUDA graph and replayed (eagerly, with a one-line note saying why, when capture
-fails); with cudnn.benchmark and channels_last tensors. A model whose step goes non-finite (its loss,
+it is captured once in a CUDA graph and replayed, with cudnn.benchmark and channels_last tensors. The
+first replay is checked against the same step taken eagerly; when capture fails, or the check does, one
+line says why and training goes on eagerly. A model whose step goes non-finite (its loss,
 its step, or its norm off the sphere) is frozen on the device at its last finite weights, without a
 host sync. --precision bf16 runs convolutions and matrix products in bfloat16 (autocast) while weights,
 norms, the projection and BatchNorm statistics stay float32.
@@ -30,7 +31,9 @@ from sphrun import SphrunError
 from sphrun.metrics import batch_loss
 from sphrun.models import ConvNet, scale_invariant_parameters
 from sphrun.progress import message
-from sphrun.sphere import global_norm, random_noise, sgd_step, step_direction, step_on_sphere
+from sphrun import noise
+from sphrun.sphere import (BATCHED, EACH, global_norm, learning_rate, random_keys, random_noise, sgd_step,
+                           step_direction, step_on_sphere)
 
 CUDA_GRAPH_WARMUP = 3  # eager steps before capture (real training steps): cuDNN and autograd settle first
 
@@ -61,6 +64,7 @@ class PackedConvNet(nn.Module):
             raise SphrunError("only the ConvNet packs: train other models one run at a time")
         self.members = len(models)
         self.grouped, self.channels_last = grouped, channels_last
+        self.form = BATCHED if grouped else EACH  # the grouped form reduces over the K models at once
         self.layers = []  # (kind, position in features, weight/norm index or module), in forward order
         weights, norms = [], []
         for position, module in enumerate(models[0].features):
@@ -166,6 +170,8 @@ class PackOfOne(nn.Module):
     parameter that shares its memory with the model's own, so the model's state_dict is always current.
     The forward runs the model with views of these (torch.func.functional_call), so gradients reach them."""
 
+    form = EACH
+
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -224,76 +230,83 @@ class Step:
     """One training step of every model of a pack, reading its inputs from and writing its outputs to
     fixed device tensors, so that it can be replayed from a CUDA graph.
 
-    In: `idx` (the batch's image indices), `lr` (K learning rates: elr * rho0^2 on the sphere, the plain
-    rate off it) and, for random steps, `noise` (filled by `draw_noise` before each step). State: the
-    weights, BatchNorm buffers, `momentum` buffers off the sphere, `alive` (K flags: a model stops once a
-    step of it is non-finite or leaves the sphere, and keeps its weights from before that step),
-    `proj_err_sum` (K sums of 1 - r), `loss` (the K latest batch losses).
+    In, fed by `take` before each step (device-to-device, no host sync): `idx` (the batch's image
+    indices), `lr` (K learning rates: elr * rho0^2 on the sphere, the plain rate off it, a row of
+    `rates`, the schedule computed once per pass) and `counter` (the step's number, which keys the random
+    step's noise, drawn on the device: sphrun.noise). State: the weights, BatchNorm buffers, `momentum`
+    buffers off the sphere, `alive` (K flags: a model stops once a step of it is non-finite or leaves
+    the sphere, and keeps its weights from before that step), `proj_err_sum` (K sums of 1 - r), `loss`
+    (the K latest batch losses).
     """
 
-    def __init__(self, pack, data, configs, rho, momentum=None):
-        device = rho.device
-        self.pack, self.params, self.data, self.rho = pack, pack.params, data, rho
-        self.config = configs[0]  # the settings the members share (all but ELR and seeds)
-        self.seeds = [c.seed for c in configs]
+    def __init__(self, pack, data, configs, rho0s, device, momentum=None):
+        self.pack, self.params, self.data, self.device = pack, pack.params, data, device
+        self.config = config = configs[0]  # the settings the members share (all but ELR and seeds)
+        self.members = pack.form  # how per-model reductions run: sphrun.sphere.EACH or BATCHED
         k = len(configs)
-        self.idx = torch.zeros(self.config.batch_size, dtype=torch.long, device=device)
+        self.rho = torch.tensor(rho0s, device=device)
+        self.rates = torch.tensor(schedule(configs, rho0s), device=device)
+        self.idx = torch.zeros(config.batch_size, dtype=torch.long, device=device)
         self.lr = torch.zeros(k, device=device)
+        self.counter = torch.zeros((), dtype=torch.long, device=device)
         self.alive = torch.ones(k, dtype=torch.bool, device=device)
         self.proj_err_sum = torch.zeros(k, device=device)
         self.loss = torch.zeros(k, device=device)
-        if momentum is None and not self.config.sphere:
+        if momentum is None and not config.sphere:
             momentum = [torch.zeros_like(p) for p in self.params]
         self.momentum = momentum  # off the sphere: SGD's momentum buffers, packed like the weights
-        self.noise = [torch.zeros_like(p) for p in self.params] if self.config.step == "random" else None
+        self.noise_keys = self.elements = None
+        if config.step == "random":  # each member's stream from its seed, as its single run draws it
+            self.noise_keys = random_keys([c.seed for c in configs]).to(device)
+            self.elements = noise.element_keys(noise.pairs(sum(p[0].numel() for p in self.params)), device)
         self.graph, self.eager_only, self.taken = None, device.type != "cuda", 0
         self.side = None if self.eager_only else torch.cuda.Stream(device)
 
-    def draw_noise(self, step):
-        """The random step's Gaussian at `step`, each member's from its own (seed, step) as its single run
-        draws it, on the CPU (the same numbers on every device), copied into the step's fixed tensors."""
-        shapes = [p.shape[1:] for p in self.params]
-        drawn = {seed: random_noise(shapes, seed, step) for seed in set(self.seeds)}
-        for k, seed in enumerate(self.seeds):
-            for buffer, values in zip(self.noise, drawn[seed]):
-                buffer[k].copy_(values, non_blocking=True)
+    def take(self, it, batch):
+        """Step `it` (counted over the lineage) on the images `batch`, a device tensor of indices."""
+        self.idx.copy_(batch)
+        self.lr.copy_(self.rates[min(it - self.config.origin, len(self.rates) - 1)])
+        self.counter.fill_(it)
+        self()
 
     def __call__(self):
         """One step: eager on the CPU; on CUDA the first CUDA_GRAPH_WARMUP steps eager on a side stream
         (as capture wants: lazy initialisation and cuDNN's benchmarking happen there), then the step is
-        captured once and replayed."""
+        captured once, checked, and replayed."""
         if self.graph is not None:
             self.graph.replay()
         elif self.eager_only:
             self.eager()
         elif self.taken < CUDA_GRAPH_WARMUP:
             self.taken += 1
-            main = torch.cuda.current_stream(self.rho.device)
+            main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
                 self.eager()
             main.wait_stream(self.side)
         else:
-            self.capture()
-            self()
+            self.capture_and_check()
 
     def eager(self):
-        config, params = self.config, self.params
+        config, params, members = self.config, self.params, self.members
         x, y = self.data.train_x[self.idx], self.data.train_y[self.idx]
-        with mixed_precision(config.precision, x.device):
-            losses = batch_loss(self.pack(x), y, config.loss)
+        with mixed_precision(config.precision, self.device):
+            losses = batch_loss(self.pack(x), y, config.loss, members)
         grads = torch.autograd.grad(losses.sum(), params)  # the models are independent: the sum separates
         with torch.no_grad():
             before = [p.clone() for p in params]
             if config.sphere:
-                direction = step_direction(config.step, grads, params, members=True, noise=self.noise)
-                proj_err = step_on_sphere(params, direction, self.lr, self.rho, config.geodesic, members=True)
-                norms = global_norm(params, members=True)
+                drawn = None
+                if self.noise_keys is not None:
+                    drawn = random_noise(params, self.noise_keys, self.counter, members, self.elements)
+                direction = step_direction(config.step, grads, params, members=members, noise=drawn)
+                proj_err = step_on_sphere(params, direction, self.lr, self.rho, config.geodesic, members)
+                norms = global_norm(params, members)
                 kept = (norms - self.rho).abs() <= 1e-3 * self.rho  # False for NaN
             else:  # no projection: 1 - r is 0, and the norm only has to stay finite
                 sgd_step(params, grads, self.lr, config.momentum, config.wd, self.momentum)
                 proj_err = torch.zeros_like(losses)
-                kept = torch.isfinite(global_norm(params, members=True))
+                kept = torch.isfinite(global_norm(params, members))
             ok = self.alive & torch.isfinite(losses) & torch.isfinite(proj_err) & kept
             for p, b in zip(params, before):
                 p.copy_(torch.where(ok.view(-1, *[1] * (p.dim() - 1)), p, b))  # where: a NaN never leaks
@@ -314,3 +327,68 @@ class Step:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             message(f"note: CUDA graph capture failed ({type(e).__name__}: {reason}); training without it, "
                     f"more slowly")
+
+    def capture_and_check(self):
+        """Capture the step, then take it twice from the same state, eagerly and by the graph's first
+        replay, and keep the graph only when the two agree on every tensor the step writes: a run never
+        trains on a wrong graph. One extra step's work and one host sync per pass."""
+        saved = clone(self.written())
+        self.capture()
+        if self.graph is None:
+            self.eager()
+            return
+        self.eager()
+        expected = clone(self.written())
+        restore(self.written(), saved)
+        self.graph.replay()
+        difference = first_difference(self.written(), expected)
+        if difference:
+            restore(self.written(), expected)
+            self.graph, self.eager_only = None, True
+            message(f"note: the CUDA graph's first step differs from the same step taken eagerly ({difference}); "
+                    f"training without the graph, more slowly")
+
+    def written(self):
+        """Every tensor the step writes, by name."""
+        tensors = {f"weight {i}": p for i, p in enumerate(self.params)}
+        tensors.update({f"buffer {name}": b for name, b in self.pack.named_buffers()})
+        tensors.update({f"momentum {i}": b for i, b in enumerate(self.momentum or [])})
+        tensors.update(alive=self.alive, proj_err_sum=self.proj_err_sum, loss=self.loss)
+        return tensors
+
+
+def schedule(configs, rho0s):
+    """The learning rates of the steps of a pass, (D + 1, K) numbers: row j for step origin + j (the
+    members share their origin), the last row for every later step; D is the longest transition."""
+    origin = configs[0].origin
+    length = max(c.transition for c in configs)
+    rate = lambda c, rho0, elr: learning_rate(elr, rho0) if c.sphere else elr
+    return [[rate(c, rho0, c.elr_at(origin + j)) for c, rho0 in zip(configs, rho0s)] for j in range(length + 1)]
+
+
+def clone(tensors):
+    return {name: t.clone() for name, t in tensors.items()}
+
+
+@torch.no_grad()
+def restore(tensors, saved):
+    for name, t in tensors.items():
+        t.copy_(saved[name])
+
+
+def first_difference(tensors, expected, rtol=1e-5):
+    """The name of the first of `tensors` that differs from `expected` beyond round-off, or None (one
+    host sync). Round-off: rtol of each value plus rtol of the tensor's largest value; flags and counts
+    match exactly, NaNs in place."""
+    agree = []
+    for name, t in tensors.items():
+        e = expected[name]
+        if t.is_floating_point() and t.numel():
+            scale = e.abs().nan_to_num(0, 0, 0).max()
+            agree.append(((t - e).abs() <= rtol * (e.abs() + scale)).logical_or(t.isnan() & e.isnan()).all())
+        else:
+            agree.append((t == e).all())
+    for name, ok in zip(tensors, torch.stack(agree).tolist()):
+        if not ok:
+            return name
+    return None

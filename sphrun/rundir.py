@@ -6,9 +6,11 @@
     RUN/checkpoints/last.pt          the newest state
     RUN/curvature.csv                written by `sphrun curvature`
 
-Every file but metrics.csv is written whole to a temporary name and renamed, so a crash never leaves
-half a file; metrics.csv rows past the newest checkpoint are dropped on resume. Every file gets the
-permissions of the user's umask, so a group can share runs on a cluster.
+Every file but metrics.csv is written whole to a temporary name (.tmp-<name>-XXXXXXXX) and renamed, so a
+crash never leaves half a file; metrics.csv rows past the checkpoint a run resumes from are dropped on
+resume. A write that fails (a full disk, a quota) leaves the old file as it was and raises CannotWrite,
+one line naming the file. Every file gets the permissions of the user's umask, so a group can share
+runs on a cluster.
 """
 
 import contextlib
@@ -28,23 +30,59 @@ METRICS_COLUMNS = ("iter", "epoch", "elr", "train_loss", "train_err", "test_loss
                    "si_norm", "cos_prev", "cos_init", "proj_err", "wall_s")
 STATUSES = ("running", "done", "diverged", "interrupted")
 CHECKPOINT_NAME = re.compile(r"iter-(\d{7,})\.pt$")
+# A temporary of atomic_write: .tmp-<the file it becomes>-<8 random characters>; older versions wrote
+# .tmp-<8 random characters>, hence the optional target.
+TEMPORARY_NAME = re.compile(r"\.tmp-(?:(.+)-)?[a-z0-9_]{8}$")
+
+
+class CannotWrite(SphrunError):
+    """A write failed while a command worked (a full disk, a quota): a failure at run time, exit 1."""
+    exit_code = 1
+
+
+def cannot_write(path, error):
+    return CannotWrite(f"cannot write {path}: {error.strerror or error}")
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it into place."""
+    """Call write(file) on a temporary file beside `path`, then rename it into place. When that fails the
+    temporary is removed and `path` left as it was; an OSError (a full disk) becomes CannotWrite."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 600; other files follow the umask
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
+    except OSError as e:
+        raise cannot_write(path, e) from e
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 600; other files follow the umask
+        finally:
+            os.close(fd)
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise cannot_write(path, e) from e
         raise
+
+
+def remove_temporaries(folder, targets=None):
+    """Delete the temporaries that killed writers left in `folder`: those of the files named in `targets`
+    (and of older versions, which did not name them), or all with None. The caller holds the lock of
+    every writer of those files, so none of them is alive."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        match = TEMPORARY_NAME.match(name)
+        if match and (targets is None or match.group(1) in (None, *targets)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
 
 
 def current_umask():
@@ -85,7 +123,10 @@ class RunDir:
         return config
 
     def write_config(self, config):
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        try:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        except OSError as e:
+            raise cannot_write(self.checkpoint_dir, e) from e
         write_text(self.config_path, json.dumps(config, indent=2) + "\n")
 
     def set_status(self, status):
@@ -133,13 +174,21 @@ class RunDir:
                            f"directory {self.path} and train it again")
 
     def append_metrics(self, row):
-        new = not os.path.exists(self.metrics_path) or os.path.getsize(self.metrics_path) == 0
-        with open(self.metrics_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: format_value(row[k]) for k in METRICS_COLUMNS})
-            f.flush()
+        """Append `row` (after the header, in a new file). A write that fails is cut off again, so the
+        file keeps whole rows only."""
+        size = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS)
+        if size == 0:
+            writer.writeheader()
+        writer.writerow({k: format_value(row[k]) for k in METRICS_COLUMNS})
+        try:
+            with open(self.metrics_path, "ab") as f:
+                f.write(buffer.getvalue().encode())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.metrics_path, size)
+            raise cannot_write(self.metrics_path, e) from e
 
     def discard_metrics(self):
         """Drop metrics.csv: a run starting (again) from its beginning writes it anew."""
@@ -155,15 +204,30 @@ class RunDir:
             raise self.damaged_metrics(f"has no row at or before step {last_iter}, the newest checkpoint")
         return rows
 
+    def check_rows(self, steps, last_iter):
+        """Refuse a metrics.csv that lacks the row of any of the evaluation `steps` up to `last_iter`, the
+        step a run resumes from (cut short, or damaged): resuming would drop those rows for good."""
+        have = {r["iter"] for r in self.metrics_until(last_iter)}
+        missing = [s for s in steps if s <= last_iter and s not in have]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            shown = ", ".join(map(str, missing[:5])) + more
+            raise self.damaged_metrics(f"lacks the rows of steps {shown}, evaluation points up to step "
+                                       f"{last_iter} where the run resumes (cut short?)")
+
     def truncate_metrics(self, last_iter):
-        """Drop rows past `last_iter` (written after the newest checkpoint by a killed process); refuses
-        as metrics_until does, before writing anything."""
+        """Drop rows past `last_iter` (written after the checkpoint a run resumes from, and a row cut by a
+        kill); refuses as metrics_until does, before writing anything. A file with nothing to drop is
+        left untouched."""
         rows = self.metrics_until(last_iter)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS)  # \r\n, as append_metrics writes
         writer.writeheader()
         for row in rows:
             writer.writerow({k: format_value(row[k]) for k in METRICS_COLUMNS})
+        with open(self.metrics_path, newline="", encoding="utf-8") as f:
+            if f.read() == buffer.getvalue():
+                return
         write_text(self.metrics_path, buffer.getvalue())
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -184,54 +248,110 @@ class RunDir:
     def save_checkpoint(self, state, at_eval_point):
         """Write `state` as last.pt and, at an evaluation point, as iter-NNNNNNN.pt too: that one first,
         so that a run whose last.pt exists has every checkpoint its metrics.csv names."""
+        buffer = io.BytesIO()  # serialized first: a full disk then fails in a plain write, as an OSError
+        torch.save(state, buffer)
         targets = ([state["iter"]] if at_eval_point else []) + ["last"]
         for which in targets:
-            atomic_write(self.checkpoint_path(which), lambda f: torch.save(state, f))
+            atomic_write(self.checkpoint_path(which), lambda f: f.write(buffer.getbuffer()))
 
     def remove_checkpoint(self, it):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.checkpoint_path(it))
 
-    def load_checkpoint(self, which="last"):
+    def read_checkpoint(self, which="last"):
+        """(state, None), or (None, what is wrong with it: missing, unreadable, ...)."""
         path = self.checkpoint_path(which)
         if not os.path.isfile(path):
-            available = ", ".join(map(str, self.checkpoint_iters())) or "none"
-            raise SphrunError(f"{self.path} has no checkpoint {which} (checkpoints at steps: {available})")
+            return None, "missing"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SphrunError(f"{path} is corrupt ({type(e).__name__}); "
-                              f"delete it to resume from an earlier checkpoint")
+            return None, f"unreadable ({type(e).__name__})"
         if not isinstance(state, dict) or "model" not in state or "iter" not in state:
-            raise SphrunError(f"{path} is not a sphrun checkpoint")
+            return None, "not a sphrun checkpoint"
+        if which != "last" and state["iter"] != which:
+            return None, f"the state of step {state['iter']}, not of its own"
+        return state, None
+
+    def load_checkpoint(self, which="last"):
+        state, problem = self.read_checkpoint(which)
+        available = ", ".join(map(str, self.checkpoint_iters())) or "none"
+        if problem == "missing":
+            raise SphrunError(f"{self.path} has no checkpoint {which} (checkpoints at steps: {available})")
+        if problem:
+            raise SphrunError(f"{self.checkpoint_path(which)} is {problem}: name another checkpoint of the "
+                              f"run (steps {available})")
         return state
+
+    def resume_point(self, origin):
+        """(checkpoint, note) a run resumes from: last.pt when readable; else the newest readable iter
+        checkpoint whose step has its metrics row, the note saying so. (None, None) when there is no
+        history to keep: no checkpoint file and no row past the first, at `origin`, which a restart
+        measures again. A history with nothing to resume it from is refused."""
+        last, problem = self.read_checkpoint("last")
+        if last is not None:
+            return last, None
+        rows = {r["iter"] for r in self.read_metrics()}
+        iters = self.checkpoint_iters()
+        for it in reversed(iters):
+            state, _ = self.read_checkpoint(it)
+            if state is not None and it in rows:
+                later = ", ".join(str(s) for s in sorted(rows | set(iters)) if s > it)
+                dropped = f"; the rows and checkpoints of steps {later} go" if later else ""
+                return state, (f"{self.checkpoint_path('last')} is {problem}: resuming {self.path} from step "
+                               f"{it}, its newest readable checkpoint with a metrics row{dropped}")
+        if not iters and problem == "missing" and all(it <= origin for it in rows):
+            return None, None
+        raise SphrunError(f"{self.path} has a history but no checkpoint to resume it from (last.pt "
+                          f"{problem}, no readable iter checkpoint with a metrics row): restore its "
+                          f"checkpoints from a copy, or delete {self.path} to train it again from its init")
+
+    def remove_checkpoints_after(self, it):
+        """Drop the iter checkpoints past step `it`, where a run resumes: the steps after it are trained
+        again, and a thinner --keep would leave stale ones beside the new."""
+        for later in self.checkpoint_iters():
+            if later > it:
+                self.remove_checkpoint(later)
+
+    def remove_temporaries(self):
+        """Delete what killed writers of the run left: temporaries of checkpoints, config.json and
+        metrics.csv (curvature's go under its own lock). Call it holding the run's lock."""
+        remove_temporaries(self.checkpoint_dir)
+        remove_temporaries(self.path, ("config.json", "metrics.csv"))
 
     # --- lock --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self):
-        """Hold RUN/.lock while writing, so two processes never write one run; names the holder."""
+    def lock(self, name=".lock", wait=False):
+        """Hold RUN/<name> while writing, so two processes never write the same files: RUN/.lock for the
+        run, refused in one line naming its holder; `wait` for a short write's lock (curvature's)."""
         try:
             import fcntl
         except ImportError:  # no advisory locks on this platform: go on unlocked
             yield
             return
-        os.makedirs(self.path, exist_ok=True)
-        with open(os.path.join(self.path, ".lock"), "a+") as f:
+        path = os.path.join(self.path, name)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise cannot_write(path, e) from e
+        try:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 raise SphrunError(f"{self.path} is being written by {holder}; wait for it or choose another run")
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
+            with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk may refuse it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             try:
                 yield
             finally:
-                f.truncate(0)
-                fcntl.flock(f, fcntl.LOCK_UN)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def is_run_dir(path):
@@ -241,22 +361,70 @@ def is_run_dir(path):
         os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "metrics.csv")))
 
 
-def check_run_location(path):
-    """Refuse to make or open a run at `path` when that would put a run inside another run, or turn a
-    folder of runs (a sweep's --out) into a run directory itself."""
+def check_run_location(path, what="run"):
+    """Refuse to make or open a run at `path` when that would put a run inside another run, turn a
+    folder of runs (a sweep's --out) into a run directory itself, or meet a folder that cannot be
+    written. `what` names the directory in messages (a connect output obeys the same rule)."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise SphrunError(f"{path} is not a folder: give the run a directory")
+        raise SphrunError(f"{path} is not a folder: give the {what} a directory")
     ancestor = os.path.dirname(path)
     while ancestor != os.path.dirname(ancestor):
         if is_run_dir(ancestor):
-            raise SphrunError(f"{ancestor} is a run directory: put the new run beside it, not inside it")
+            raise SphrunError(f"{ancestor} is a run directory: put the new {what} beside it, not inside it")
         ancestor = os.path.dirname(ancestor)
     if os.path.isdir(path) and not is_run_dir(path):
         runs = sorted(name for name in os.listdir(path) if is_run_dir(os.path.join(path, name)))
         if runs:
             raise SphrunError(f"{path} holds run directories ({runs[0]}, ...): it is a folder of runs; give "
-                              f"--out a directory of its own for this run, such as {os.path.join(path, 'NAME')}")
+                              f"--out a directory of its own for this {what}, such as "
+                              f"{os.path.join(path, 'NAME')}")
+    check_writable(path)
+
+
+def check_output_folder(path):
+    """Refuse a connect output at `path` that would overwrite a run's files: never a run directory (nor
+    a folder with another config.json), inside one or over a folder of runs; an earlier connect output
+    there is replaced."""
+    check_run_location(path, "connect output")
+    foreign = os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+        os.path.join(path, "connect.csv"))
+    if is_run_dir(path) or foreign:
+        raise SphrunError(f"{path} holds a run's config.json: give --out a folder of its own for the connect "
+                          f"output, such as {os.path.join(os.path.dirname(os.path.abspath(path)), 'NAME')}")
+
+
+def check_output_file(path):
+    """Refuse a file a command is to write (a figure) that cannot be: a folder in its place, a folder
+    that does not exist or cannot be written."""
+    if os.path.isdir(path):
+        raise SphrunError(f"{path} is a folder: give a file name, such as {os.path.join(path, 'figure.png')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise SphrunError(f"cannot write {path}: {folder} {what}")
+    check_writable(path)
+
+
+def check_writable(path):
+    """Refuse, before any work, a path in a folder that cannot be written (read-only, /proc): its nearest
+    existing folder is tried with a temporary file, since permission bits say nothing to root or of a
+    read-only mount."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing != os.path.abspath(path):
+            raise SphrunError(f"cannot make {path}: {existing} is a file, not a folder")
+        existing = os.path.dirname(existing)  # a file to replace, such as a figure
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+    except OSError as e:
+        raise SphrunError(f"cannot write {path}: {existing} cannot be written ({e.strerror}); "
+                          f"give --out a folder you can write") from e
 
 
 def format_value(value):

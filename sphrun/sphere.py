@@ -9,19 +9,27 @@ of figure 15). Moves: projected (theta + lr * direction, then rescaled to rho, a
 geodesic (theta turned along the great circle by exactly the nominal angle: the sphere's exponential map).
 """
 
-import numpy as np
+import math
+
 import torch
 
-RANDOM_STREAM = 0x72616E64  # keeps the random-walk stream apart from other streams seeded by (seed, step)
+from sphrun import noise
+
+# Packed tensors (sphrun.packed) carry K models along their first dimension. Every function below takes
+# `members`: False for one model's tensors; EACH for packed ones reduced model by model with the calls
+# of a single run, so that each model's numbers are its single run's to the bit (the CPU form); BATCHED
+# for packed ones reduced all K at once, a few ops whatever K (the grouped CUDA form, rounded its way).
+EACH, BATCHED = "each", "batched"
 
 
 def global_norm(tensors, members=False):
-    """The L2 norm of all tensors taken together, as a 0-d device tensor (no host sync).
-
-    members=True: the tensors are packed (sphrun.packed), the first dimension of each indexing K models,
-    and the result is the K models' norms, shape (K,). Every function below takes the same flag.
-    """
-    if members:  # each model's reductions as its single run does them, so the two agree to the bit
+    """The L2 norm of all tensors taken together, as a 0-d device tensor (no host sync); for members,
+    the K models' norms, shape (K,)."""
+    if members == BATCHED:
+        k = len(tensors[0])
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.reshape(k, -1), dim=1)
+                                                     for t in tensors]), dim=0)
+    if members:
         k = len(tensors[0])
         norms = torch._foreach_norm([t[i] for i in range(k) for t in tensors])
         return torch.linalg.vector_norm(torch.stack(norms).view(k, -1), dim=1)
@@ -30,6 +38,9 @@ def global_norm(tensors, members=False):
 
 def dot(a, b, members=False):
     """<a, b> with each tensor list taken as one vector, a 0-d device tensor (K of them for members)."""
+    if members == BATCHED:
+        k = len(a[0])
+        return torch.stack([p.reshape(k, -1).sum(1) for p in torch._foreach_mul(a, b)]).sum(0)
     if members:
         k = len(a[0])
         return torch.stack([torch.sum(x[i] * y[i]) for i in range(k) for x, y in zip(a, b)]).view(k, -1).sum(1)
@@ -55,28 +66,36 @@ def tangent_part(direction, params, members=False):
     return torch._foreach_sub(direction, torch._foreach_mul(params, per_model(radial, params)))
 
 
-def random_seed(seed, step):
-    """A generator seed that depends on (run seed, step) only, so a resumed or fine-tuned run draws the
-    same directions without saving any random state."""
-    entropy = [RANDOM_STREAM, seed & 0xFFFFFFFFFFFFFFFF, step]  # SeedSequence wants non-negative ints
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+def random_keys(seeds):
+    """The base keys of the random-step streams of runs with these seeds (sphrun.noise): a (K,) int64
+    tensor for a list of seeds, a number for one."""
+    if isinstance(seeds, int):
+        return noise.key(seeds, noise.RANDOM_STEP)
+    return torch.tensor([noise.key(s, noise.RANDOM_STEP) for s in seeds], dtype=torch.int64)
 
 
-def random_noise(shapes, seed, step):
-    """Standard normal tensors of `shapes`, drawn on the CPU from (seed, step): the same numbers on every
-    device, so a run resumed on another device walks on along the same directions."""
-    generator = torch.Generator().manual_seed(random_seed(seed, step))
-    return [torch.randn(shape, generator=generator) for shape in shapes]
+def random_noise(params, keys, step, members=False, elements=None):
+    """The random step's standard normal tensors, shaped like params, at `step` (an int, or an int64
+    device tensor inside the step) in the streams of `keys` (random_keys; K of them for members, model k
+    drawing what its single run draws). `elements`: noise.element_keys for the draw, when kept."""
+    shapes = [p.shape[1:] if members else p.shape for p in params]
+    sizes = [math.prod(shape) for shape in shapes]
+    if elements is None:
+        elements = noise.element_keys(noise.pairs(sum(sizes)), params[0].device)
+    drawn = noise.gaussian(elements, noise.key_at(keys, step), sum(sizes))
+    lead = drawn.shape[:-1]
+    return [z.view(*lead, *shape) for z, shape in zip(drawn.split(sizes, dim=-1), shapes)]
 
 
 def random_direction(grads, params, seed=0, step=0, members=False, noise=None):
     """Uniform over the directions tangent to the sphere at theta, with the norm of `grads`, so the step
     is as long as the SGD step would be. (A Gaussian projected on the tangent space is isotropic there.)
-    `noise`: the Gaussian, shaped like params; drawn from (seed, step) when None, packed models all
-    drawing the noise their single runs would (one model's shapes, shared)."""
+    `noise`: the Gaussian, shaped like params; when None, drawn from (seed, step): for members, every
+    model the noise of its single run with that seed."""
     if noise is None:
-        shapes = [p.shape[1:] if members else p.shape for p in params]
-        noise = [n.to(p.device, p.dtype).expand_as(p) for n, p in zip(random_noise(shapes, seed, step), params)]
+        keys = random_keys(seed if not members else [seed] * len(params[0]))
+        keys = keys.to(params[0].device) if torch.is_tensor(keys) else keys
+        noise = random_noise(params, keys, step, members)
     tangent = tangent_part(noise, params, members)
     scale = global_norm(grads, members) / global_norm(tangent, members)
     return torch._foreach_mul(tangent, per_model(scale, tangent))

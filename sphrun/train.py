@@ -2,7 +2,8 @@
 (sphrun.packed): the ELRs of a sweep of the ConvNet on the sphere, or a single run (any model, on the
 sphere or off it) as a pack of one. The loop steps the pack without a host sync, reads the device a
 few times a second for the progress bar, evaluates and checkpoints every member at the evaluation
-points, freezes a member that diverged, and on Ctrl-C saves and stops.
+points, freezes a member that diverged, and on Ctrl-C, SIGTERM or SIGUSR1 (a scheduler's notice)
+saves and stops.
 
 On the sphere each step moves along config.step's direction (projected, or geodesic with
 config.geodesic) with the ELR elr_at(step), lr = elr * rho0^2; random directions are seeded by
@@ -21,14 +22,35 @@ import torch
 
 from sphrun import SphrunError
 from sphrun.lifecycle import default_run_path, open_runs, prepare
+from sphrun.rundir import CannotWrite
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
-from sphrun.sphere import global_norm, learning_rate
+from sphrun.sphere import global_norm
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: the state was saved and the run marked interrupted."""
+    """Training stopped by a signal (Ctrl-C, SIGTERM, SIGUSR1): the state was saved and the run marked
+    interrupted. The process exits with 128 + the signal's number, as a shell reports a signal."""
+
+    def __init__(self, text, signum=signal.SIGINT):
+        super().__init__(text)
+        self.signum = int(signum)
+
+
+class StopNow(Exception):
+    """A stop signal met where the loop cannot finish its step first: a second one (the user or the
+    scheduler insists), or SIGTERM or SIGUSR1 outside the loop. The command stops at once, without saving."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+# SIGTERM: a scheduler's stop (SLURM at its time limit or on preemption, then SIGKILL after a grace
+# period); SIGUSR1: the notice `#SBATCH --signal=USR1@60` sends ahead of the limit.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                     if hasattr(signal, name))
 
 
 def evaluation_steps(origin, total, steps_per_epoch, eval_every=None):
@@ -49,22 +71,42 @@ def evaluation_steps(origin, total, steps_per_epoch, eval_every=None):
 
 
 class StopRequest:
-    """Turns the first Ctrl-C into a flag the loop checks between steps, so a step is never cut in half."""
+    """Turns the first stop signal (STOP_SIGNALS) into a flag the loop checks between steps, so a step is
+    never cut in half; a second one raises StopNow."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            raise StopNow(signum)
+        self.signum = signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def stopping_at_once():
+    """Outside the loop (loading data, a first evaluation) SIGTERM and SIGUSR1 stop a training command at
+    once, as Ctrl-C does there (KeyboardInterrupt), so that its runs are marked interrupted, not killed."""
+    def handle(signum, frame):
+        raise StopNow(signum)
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS if s != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # --- which runs train, and in which passes ---------------------------------------------------------
@@ -108,13 +150,19 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
     is loaded or anything is written. Returns [(run, status)]."""
     if pack is not None and pack < 1:
         raise SphrunError(f"--pack must be at least 1 model per pass, got {pack}")
-    runs = open_runs(configs, paths, start)
-    groups = passes([m for m in runs.members if m.status == "running"], pack or len(runs.members))
-    for number, group in enumerate(groups, 1):
-        order = runs.orders[group[0].config.data_seed]
-        message(announcement(group, runs.total, order, runs.device) +
-                (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
-        train_pass(group, runs.data, runs.identity, order, runs.device, runs.total, argv)
+    with stopping_at_once(), contextlib.ExitStack() as locks:
+        runs = open_runs(configs, paths, locks, start)
+        for m in runs.members:  # every check passed: now say what happens, and write
+            if m.note:
+                message(m.note)
+            if m.status == "done" and m.stored["status"] != "done":  # stopped at its last step
+                m.run.set_status("done")
+        groups = passes([m for m in runs.members if m.status == "running"], pack or len(runs.members))
+        for number, group in enumerate(groups, 1):
+            order = runs.orders[group[0].config.data_seed]
+            message(announcement(group, runs.total, order, runs.device) +
+                    (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
+            train_pass(group, runs.data, runs.identity, order, runs.device, runs.total, argv)
     return [(m.run, m.status) for m in runs.members]
 
 
@@ -168,31 +216,54 @@ def pack_members(members, data, device):
         models.append(model)
     config = members[0].config
     pack = pack_models(models, config.sphere, device)
-    rho = torch.tensor([m.state.rho0 for m in members], device=device)
     momentum = None
     if not config.sphere and all(m.state.momentum is not None for m in members):
         momentum = [torch.stack(buffers) for buffers in zip(*(m.state.momentum for m in members))]
-    return pack, Step(pack, data, [m.config for m in members], rho, momentum)
+    return pack, Step(pack, data, [m.config for m in members], [m.state.rho0 for m in members], device, momentum)
 
 
 def train_pass(members, data, identity, order, device, total, argv):
-    """Train `members`, all at one step, together to step `total`, each in its run directory."""
+    """Train `members`, all at one step, together to step `total`, each in its run directory (locked by
+    the caller). A second stop signal or a failed write (a full disk) marks the runs interrupted."""
     config = members[0].config
     pack, step = pack_members(members, data, device)
     eval_steps = evaluation_steps(config.origin, total, order.steps_per_epoch, config.eval_every)
     keep = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
-    with contextlib.ExitStack() as locks:
+    try:
         for m in members:
-            locks.enter_context(m.run.lock())
-        for m in members:
+            m.run.remove_temporaries()  # a killed writer's; the run's lock is ours
             if m.checkpoint is not None:
                 m.run.truncate_metrics(m.state.iter)
+                m.run.remove_checkpoints_after(m.state.iter)
                 m.run.set_status("running")
             else:  # config.json first: from now on the directory is this run's, resumed or restarted
                 m.run.write_config(m.record(data, identity, order, argv))
                 m.run.discard_metrics()
         first_rows(pack, step, data, order, members)
         run_pass(pack, step, data, order, members, total, eval_steps, keep)
+    except (KeyboardInterrupt, StopNow, CannotWrite) as e:  # KeyboardInterrupt: Ctrl-C outside the loop
+        raise stopped(members, e) from e
+
+
+def stopped(members, error):
+    """The exception that ends a pass stopped at once, by a stop signal that cannot wait for the step's
+    end (StopNow, or Ctrl-C outside the loop) or a failed write, after marking its running members
+    interrupted where the disk lets us: each resumes from its last checkpoint."""
+    marked = True
+    for m in members:
+        if m.status == "running":
+            try:
+                m.run.set_status("interrupted")
+            except SphrunError:  # a full disk, or a new run whose config.json never got written
+                marked = False
+    folder = os.path.dirname(str(members[0].run)) or "."
+    where = str(members[0].run) if len(members) == 1 else f"the runs in {folder}/"
+    status = f"{where} marked interrupted" if marked else f"the status of {where} not updated"
+    if isinstance(error, (KeyboardInterrupt, StopNow)):
+        return Interrupted(f"stopped at once, without saving: {status}; run the same command to resume from "
+                           f"the last checkpoint", getattr(error, "signum", signal.SIGINT))
+    return CannotWrite(f"{error}; {status}: free some space, then run the same command to resume from the "
+                       f"last checkpoint")
 
 
 def first_rows(pack, step, data, order, members):
@@ -218,19 +289,11 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
     points, divergence, Ctrl-C. Leaves the members' RunStates at the step reached."""
     it = members[0].state.iter
     pending = [s for s in eval_steps if s > it]
-    elrs = None
     label = f"{len(members)} runs" if len(members) > 1 else "train"
     with StopRequest() as stop, StepProgress(total, start=it, label=label) as bar:
         tick, since = time.perf_counter(), 0
         while it < total and any(m.status == "running" for m in members):
-            now_elrs = [m.config.elr_at(it) for m in members]
-            if now_elrs != elrs:  # a host-to-device copy only when an ELR changes
-                elrs = now_elrs
-                step.lr.copy_(torch.tensor([step_rate(m, e) for m, e in zip(members, elrs)]))
-            step.idx.copy_(order.indices(it))
-            if step.noise is not None:
-                step.draw_noise(it)
-            step()
+            step.take(it, order.indices(it))  # no host sync, no copy from the host (but a permutation an epoch)
             it, since = it + 1, since + 1
             at_eval = pending and it == pending[0]
             if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
@@ -242,7 +305,7 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
                 running = [k for k, m in enumerate(members) if m.status == "running"]
                 if running:
                     best = min(running, key=lambda k: losses[k])
-                    bar.update(it, losses[best], elrs[best])
+                    bar.update(it, losses[best], members[best].config.elr_at(it - 1))
             if at_eval:
                 pending.pop(0)
                 catch_up(members, step, it, since, tick)
@@ -257,17 +320,12 @@ def run_pass(pack, step, data, order, members, total, eval_steps, keep):
                 tick = time.perf_counter()
             if stop.requested:
                 catch_up(members, step, it, since, tick)
-                interrupt(pack, step, members, it)
+                interrupt(pack, step, members, it, stop.signum)
     catch_up(members, step, it, since, tick)
     for m in members:
         if m.status == "running":
             m.run.set_status("done")
             m.status = "done"
-
-
-def step_rate(member, elr):
-    """The step's learning rate: elr * rho0^2 on the sphere, the plain rate in `elr` off it."""
-    return learning_rate(elr, member.state.rho0) if member.config.sphere else elr
 
 
 def catch_up(members, step, it, steps, tick):
@@ -283,8 +341,8 @@ def catch_up(members, step, it, steps, tick):
     step.proj_err_sum.zero_()
 
 
-def interrupt(pack, step, members, it):
-    """Ctrl-C: save every running member where it is, mark it interrupted, and stop."""
+def interrupt(pack, step, members, it, signum):
+    """A stop signal: save every running member where it is, mark it interrupted, and stop."""
     for k, m in enumerate(members):
         if m.status == "running":
             save(m, pack, step, k, at_eval_point=False)
@@ -293,7 +351,8 @@ def interrupt(pack, step, members, it):
         where = f"checkpoint saved in {members[0].run}"
     else:
         where = f"checkpoints saved in the runs in {os.path.dirname(str(members[0].run)) or '.'}/"
-    raise Interrupted(f"interrupted at step {it}: {where}; run the same command to resume")
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    raise Interrupted(f"interrupted{by} at step {it}: {where}; run the same command to resume", signum)
 
 
 def freeze_diverged(step, members):
@@ -337,11 +396,11 @@ def record(pack, step, data, order, members, which, keep):
     metrics in eval mode (sphrun.metrics)."""
     start = time.perf_counter()
     config = members[0].config
-    with mixed_precision(config.precision, data.train_x.device):
+    with mixed_precision(config.precision, step.device):
         train_loss, train_err, gm = train_metrics(pack, pack.params, data.train_x, data.train_y, config.loss,
                                                   config.batch_size, order.permutation(0))
         test_loss, test_err = eval_metrics(pack, data.test_x, data.test_y, config.loss)
-    norms = global_norm(pack.si_params, members=True).tolist()
+    norms = global_norm(pack.si_params, members=pack.form).tolist()
     rows = []
     for k in which:
         m = members[k]

@@ -48,3 +48,13 @@ def cli(monkeypatch, capsys):
             code = e.code or 0
         return code, capsys.readouterr().err
     return run
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """One emulated CUDA device (tests/emulated_cuda.py): sphrun takes its CUDA path on the CPU, CUDA
+    graphs replay recorded aten calls; yields the Emulator (its counts, graphs and injected faults)."""
+    from emulated_cuda import emulated_cuda
+
+    with emulated_cuda(monkeypatch) as emulator:
+        yield emulator

@@ -20,7 +20,7 @@ REAL_TOLIST, REAL_ITEM = torch.Tensor.tolist, torch.Tensor.item
 def on_meta(monkeypatch):
     """Train on the meta device: shapes and devices are checked, values are not computed. Reads of the
     device (the loop's few host syncs) give ones: finite losses, norms, live models."""
-    monkeypatch.setattr(lifecycle, "resolve_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(lifecycle, "use_device", lambda name: torch.device("meta"))
 
     def as_ones(real):
         return lambda t: real(torch.ones(t.shape, dtype=t.dtype)) if t.is_meta else real(t)
@@ -122,7 +122,7 @@ def test_curvature_runs_on_another_device(tmp_path, tiny, monkeypatch):
     from sphrun.curvature import run_curvature
 
     run, _ = train(tiny(iters=4, eval_every=4), tmp_path / "a")  # on the CPU: real checkpoints to read
-    monkeypatch.setattr(lifecycle, "resolve_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(lifecycle, "use_device", lambda name: torch.device("meta"))
     for name, real in (("tolist", REAL_TOLIST), ("item", REAL_ITEM)):
         monkeypatch.setattr(torch.Tensor, name, lambda t, real=real: real(torch.ones(t.shape, dtype=t.dtype))
                             if t.is_meta else real(t))

@@ -4,6 +4,7 @@ directory format, resume, the grouped (CUDA) form, bf16, and the --elr/--shard/-
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -124,6 +125,7 @@ def test_a_packed_run_extends_and_finetunes_like_a_single_one(tmp_path, sweep, s
 def test_interrupted_sweep_resumes_exactly(tmp_path, monkeypatch, sweep):
     class StopAfter:  # Ctrl-C between steps 15 and 16, as StopRequest reports it to the loop
         checks = 0
+        signum = signal.SIGINT
 
         def __enter__(self):
             return self

@@ -148,17 +148,6 @@ def test_run_directory_of_another_configuration_is_refused(tmp_path, tiny, cli):
     assert (tmp_path / "run" / "config.json").read_text() == before
 
 
-def test_corrupt_last_checkpoint_is_refused(tmp_path, tiny, cli):
-    train(tiny(iters=8), tmp_path / "run")
-    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"garbage")
-    before = sorted(os.listdir(tmp_path / "run" / "checkpoints")), (tmp_path / "run" / "metrics.csv").read_text()
-    code, err = cli("train", "--elr", "1e-3", "--iters", "24", "--eval-every", "8", *TINY_ARGS,
-                    "--out", tmp_path / "run")
-    assert code == 2 and "last.pt is corrupt" in err and len(err.strip().splitlines()) == 1
-    after = sorted(os.listdir(tmp_path / "run" / "checkpoints")), (tmp_path / "run" / "metrics.csv").read_text()
-    assert before == after
-
-
 def test_default_run_name_comes_from_the_settings(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     code, _ = cli("train", "--elr", "1e-3", "--iters", "8", "--eval-every", "8", *TINY_ARGS)

@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import Formatter, Locator, LogLocator, MaxNLocator, NullFormatter
 
 from sphrun import SphrunError
-from sphrun.rundir import atomic_write
+from sphrun.rundir import atomic_write, check_output_file
 
 FORMATS = (".png", ".svg", ".pdf")
 COLUMN_WIDTH = 3.4  # inches
@@ -76,9 +76,7 @@ def check_out(out_path):
     if extension not in FORMATS:
         raise SphrunError(f"cannot write {out_path!r}: the figure's name must end in "
                           f"{', '.join(FORMATS)}")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(folder):
-        raise SphrunError(f"cannot write {out_path}: the folder {folder} does not exist")
+    check_output_file(out_path)
 
 
 def axis_label(column, losses=(), short=False):

@@ -55,6 +55,7 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """
 
 
+# Says its default in words; the options using it hide Typer's own "[default: no-tf32]", said once.
 TF32_HELP = ("Let CUDA run convolutions and matrix products in TF32 (10-bit mantissa), as training does. "
              "(default: off, full float32; no effect on the CPU)")
 STEP_HELP = ("Step direction: sgd (-gradient); random (a uniformly random direction tangent to the sphere, "
@@ -212,11 +213,11 @@ SPHERE_HELP = ("On the sphere (the default): the model's fully scale-invariant f
                "the rate is --lr, and the elr column of metrics.csv and GM are then the plain learning rate "
                "and the mean gradient norm over all trainable parameters (si_norm stays that of the "
                "scale-invariant tensors).")
-TRAIN_OUT_HELP = ("With one ELR: the run directory itself (default: runs/<name from the settings>); an "
-                  "existing run there is resumed or extended. With several ELRs: the folder that holds one "
-                  "run directory per ELR, each named from its settings (default: runs). A run never goes "
-                  "inside another run, and a folder of runs is not a run directory: for one ELR give "
-                  "--out DIR/<name>, not --out DIR.")
+TRAIN_OUT_HELP = ("With one run: the run directory itself (default: runs/<name from the settings>); an "
+                  "existing run there is resumed or extended. With several runs (ELRs or seeds): the folder "
+                  "that holds one run directory per run, each named from its settings (default: runs). A run "
+                  "never goes inside another run, and a folder of runs is not a run directory: for one run "
+                  "give --out DIR/<name>, not --out DIR.")
 
 
 @app.command(cls=Command, short_help="Train on the sphere at fixed ELRs: one run, or a packed sweep.")
@@ -293,8 +294,8 @@ def train(
              "run's settings."),
     pack: Optional[int] = typer.Option(
         None, metavar="K",
-        help="With several ELRs: at most K models per pass (bounds the memory); the rest train in later "
-             "passes. (default: all in one pass)"),
+        help="With several runs (ELRs or seeds): at most K models per pass (bounds the memory); the rest "
+             "train in later passes. (default: all in one pass)"),
     shard: Optional[str] = typer.Option(
         None, metavar="I/N",
         help="Train every N-th run of the grid (each ELR with each seed and data seed, ELR-major), starting "
@@ -378,7 +379,8 @@ def finetune(
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
         help="Run directory of the fine-tune. (default: beside the parent, "
-             "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo], ft-lr<X> off the sphere); an existing one is "
+             "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo][-every<N>], ft-lr<X> off the sphere, every<N> "
+             "with --eval-every N); an existing one is "
              "resumed or extended."),
 ):
     """Fine-tune a run from one of its checkpoints with a new ELR (docs/science.md, Fine-tuning
@@ -445,7 +447,8 @@ def plot(
 
     1 (convergence): the train error reached 0, or fell by a third or more over the later half, or the
     weights turned less than 0.5 rad in all over it (the sum of the angles between neighbouring
-    checkpoints) while the train loss is not rising.
+    checkpoints) while the train error is below chance (its median under 90 % of 1 - 1/C) and the train
+    loss is not rising.
 
     2 (chaotic equilibrium): the train error is stuck clearly between 0 and chance (its median at least
     1 % and under 90 % of 1 - 1/C, down by less than a quarter) while the weights turned 1 rad or more;
@@ -489,7 +492,7 @@ def connect(
         None, metavar="DIR",
         help="Output folder, a folder of its own: never a run directory, inside one, or a folder of runs. "
              "(default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32])"),
-    tf32: bool = typer.Option(False, help=TF32_HELP),
+    tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
 ):
     """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (docs/science.md,
     Linear mode connectivity).
@@ -549,7 +552,7 @@ def curvature(
              "columns then record that data's fingerprint in curvature.json, and never mix with values "
              "measured on the run's own. (default: refused)"),
     device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
-    tf32: bool = typer.Option(False, help=TF32_HELP),
+    tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
 ):
     """Curvature of the train loss at a run's checkpoints (docs/science.md, What is measured; the
     paper's figures 22, 23).

@@ -198,6 +198,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
               "points": points, "project": project, "bn_batches": bn_batches_used, "tf32": allow_tf32,
               "batch_size": config.batch_size, "data_source": data.source, "other_data": other_data,
               "data": data_identity(data) if other_data else a.stored.get("data"),
+              "train_size": a.stored["train_size"],  # for the figure's title, as the runs' figures give it
               "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
                           "test_err": barrier(alphas, [r["test_err"] for r in rows])},
               "versions": {"sphrun": __version__, "torch": torch.__version__}, "argv": list(argv)}

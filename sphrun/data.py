@@ -142,9 +142,25 @@ def read_torchvision_folder(dataset, folder):
     return splits[0], splits[1]
 
 
-def download_torchvision(dataset, data_dir):
-    import torchvision
+def import_torchvision(dataset):
+    """torchvision, which only the CIFAR download needs: missing, or built for another torch (its C++
+    operators then fail to register), it is named in one line with the way to matching builds."""
+    try:
+        import torchvision
+    except Exception as e:  # ImportError when missing; RuntimeError "operator torchvision::nms does not exist"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        torch_release = torch.__version__.split("+")[0]
+        raise SphrunError(
+            f"no {dataset} data to read and torchvision, which downloads it, is missing or broken ({reason}): "
+            f"install matching versions of torch and torchvision from one index, e.g. "
+            f"pip install torch=={torch_release} torchvision (pip then picks the torchvision built for it), "
+            f"or point --data-dir at a folder with {TORCHVISION_FOLDER[dataset]}/ or with train/<class>/ and "
+            f"test/<class>/ image folders, or use --dataset synthetic")
+    return torchvision
 
+
+def download_torchvision(dataset, data_dir):
+    torchvision = import_torchvision(dataset)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[dataset]
     before = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sphrun import SphrunError
 from sphrun.progress import message
 from sphrun.rundir import write_text
+from sphrun.runs import group_series, labelled_series, require_columns
 
 PHASES = ("1", "2", "3")
 UNDECIDED = "undecided"
@@ -196,10 +196,7 @@ FINAL_METRICS = ("train_loss", "train_err", "test_err", "gm")
 
 def checked_rows(run):
     """The run's metrics rows, refused in one line when a column the table reads is missing."""
-    missing = [c for c in TABLE_NEEDS if c not in run.rows[0]]
-    if missing:
-        raise SphrunError(f"{os.path.join(run.path, 'metrics.csv')} has no column {', '.join(missing)} "
-                          f"(it has {', '.join(sorted(run.rows[0]))})")
+    require_columns(run, TABLE_NEEDS)
     return run.rows
 
 
@@ -252,6 +249,18 @@ def phase_table(series):
     ELR as (label or None, groups by ELR), each group a list of runs (path, elr, loss, settings,
     num_classes and rows by step)."""
     return [group_row(label, group) for label, groups in series for group in groups]
+
+
+def group_table(runs, aggregate=True):
+    """The phase table of sphrun.runs Runs: one row per group of seeds (per run without `aggregate`)."""
+    return phase_table(labelled_series(group_series(runs, aggregate)))
+
+
+def majority_phase(group):
+    """The phase most of a sphrun.runs Group's seeds are in (undecided for a run without train_err)."""
+    phases = [classify(run.rows, run.num_classes).phase if "train_err" in run.columns() else UNDECIDED
+              for run in group.runs]
+    return agreement(phases)[0]
 
 
 def table_path_for(figure_path):

@@ -47,6 +47,7 @@ def test_ends_are_the_runs_own_metrics(runs, cli, tmp_path):
         assert all(close(row[k], own[k]) for k in ("train_loss", "train_err", "gm"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["a"]["iter"], config["b"]["iter"], config["points"], config["project"]) == (8, 8, 3, True)
+    assert config["train_size"] == 256  # the figure's title says it, as the runs' figures do
     line = lambda k: (rows[0][k] + rows[-1][k]) / 2
     assert close(config["barrier"]["train_loss"], max(0, rows[1]["train_loss"] - line("train_loss")))
     assert close(config["barrier"]["test_err"], max(0, rows[1]["test_err"] - line("test_err")), 1e-6)

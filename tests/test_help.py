@@ -37,7 +37,7 @@ def test_every_placeholder_of_the_help_source_is_shown(name):
 def test_the_placeholders_users_need_are_there():
     assert "train/<class>/<image>" in render("train")[1]
     assert "runs/<name from the settings>" in render("train")[1]
-    assert "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo]" in render("finetune")[1]
+    assert "RUN-ft-elr<X>-from<ITER>[-D<D>][-<step>][-geo][-every<N>]" in render("finetune")[1]
     assert "connect/<A>@<step>--<B>@<step>" in render("connect")[1]
     assert "<run>-<kind>.png" in render("plot")[1]
 
@@ -67,3 +67,28 @@ def test_help_cites_the_projects_own_docs():
     for name in [None, *COMMANDS]:
         assert "PAPER.md" not in render(*([name] if name else []))[1]
     assert "docs/science.md" in render("finetune")[1]
+
+
+def option_lines(name):
+    """Each option of the command's help on one line (a terminal wide enough that nothing wraps)."""
+    result = CliRunner().invoke(app, [name, "--help"], terminal_width=10000, max_content_width=10000)
+    return [line.strip() for line in result.output.splitlines() if line.lstrip().startswith("-")]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_default_is_said_once(name):
+    for line in option_lines(name):
+        assert not ("(default:" in line and "[default:" in line), line
+
+
+def test_options_for_several_runs_count_seeds_too():
+    for option in ("--out", "--pack"):
+        line = next(line for line in option_lines("train") if line.startswith(option + " "))
+        assert "several runs (ELRs or seeds)" in line and "several ELRs" not in line, line
+
+
+def test_plot_help_gives_the_whole_settling_rule():
+    shown = render("plot")[1]
+    convergence = shown[shown.index("1 (convergence)"):shown.index("2 (chaotic equilibrium)")]
+    # phases.classify: turned under 0.5 rad, error below chance and loss not rising
+    assert "0.5 rad" in convergence and "below chance" in convergence and "not rising" in convergence

@@ -15,7 +15,7 @@ from sphrun.config import TrainConfig
 from sphrun.lifecycle import restore
 from sphrun.rundir import RunDir
 from sphrun.train import train
-from test_conventions import LEFTOVER, close, flat64, hand_test_metrics, hand_train_metrics
+from test_conventions import LEFTOVER, close, hand_test_metrics, hand_train_metrics
 
 CPU = torch.device("cpu")
 
@@ -63,9 +63,14 @@ def test_interior_point_of_a_segment_by_hand(runs, cli, tmp_path):
     state_b = RunDir(b).load_checkpoint("last")["model"]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     theta_a, theta_b = [p.detach().clone() for p in params], [state_b[n] for n in names]
-    radius = (flat64(theta_a).norm() + flat64(theta_b).norm()).item() / 2  # the runs' sphere
-    point = [(ta + tb) / 2 for ta, tb in zip(theta_a, theta_b)]
-    scale = radius / flat64(point).norm().item()
+    # The point in float32, rounded as sphrun rounds it: b - (b - a)(1 - alpha), torch.lerp's form for
+    # alpha >= 0.5, and one float32 factor radius / ||point|| from per-tensor norms. Here a ReLU input of
+    # batch 7 lies within one rounding of 0, so (a + b) / 2 or a float64 factor (1 ulp off) flips it and
+    # moves GM by 1.7e-5: only the same rounding makes GM a check of the convention to 1e-5.
+    norm32 = lambda tensors: torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors]))
+    radius = (norm32(theta_a).item() + norm32(theta_b).item()) / 2  # the runs' sphere, rho_A and rho_B apart
+    point = [tb - (tb - ta) * 0.5 for ta, tb in zip(theta_a, theta_b)]
+    scale = radius / norm32(point)
     with torch.no_grad():
         for p, q in zip(params, point):
             p.copy_(q * scale)
@@ -104,11 +109,21 @@ def tf32_flags():
     return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
 
+def set_tf32_flags(cudnn, matmul):
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 @pytest.fixture
-def tf32_on_outside(monkeypatch):
-    """TF32 allowed, as a training process on CUDA has it; monkeypatch puts the flags back after."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+def tf32_on_outside():
+    """TF32 allowed, as a training process on CUDA has it, and the flags as found put back after.
+    Plain reads and writes: the matmul flag is a property of torch's cuBLASModule, which
+    monkeypatch.setattr cannot undo on every pytest (it deletes the attribute)."""
+    saved = tf32_flags()
+    set_tf32_flags(True, True)
+    try:
+        yield
+    finally:
+        set_tf32_flags(*saved)
 
 
 def spy(monkeypatch, module, *names):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sphrun.config import TrainConfig
 from sphrun.models import build_model
@@ -50,6 +51,25 @@ def test_off_the_sphere_everything_trains_and_the_norm_grows(plain):
     last = final_state(plain)
     for name in ("features.1.weight", "features.1.bias", "head.weight", "head.bias"):  # BN affine, classifier
         assert not torch.equal(last[name], init[name]), name
+
+
+def test_steps_with_momentum_and_weight_decay_are_torch_sgds(with_momentum):
+    """Eight steps of sphrun's loop equal eight of torch.optim.SGD itself from the same init and batches,
+    weights and momentum buffers alike (torch applies the decay before the momentum, no dampening)."""
+    _, config, data, model, params, order, _ = restore(with_momentum, 0, "cpu")
+    optimizer = torch.optim.SGD(params, lr=config.elr, momentum=config.momentum, weight_decay=config.wd)
+    model.train()
+    for step in range(config.iters):
+        idx = order.indices(step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.train_x[idx]), data.train_y[idx]).backward()
+        optimizer.step()
+    saved = RunDir(with_momentum).load_checkpoint(config.iters)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name, p, buffer in zip(names, params, saved["momentum"]):
+        torch.testing.assert_close(p.detach(), saved["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+        momentum = optimizer.state[p]["momentum_buffer"]
+        torch.testing.assert_close(buffer, momentum, rtol=1e-5, atol=1e-6, msg=f"{name} momentum")
 
 
 def test_weight_decay_shrinks_the_norm(tmp_path, plain):

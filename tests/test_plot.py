@@ -18,9 +18,11 @@ from matplotlib.colors import to_hex
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.plot import (KINDS, PHASE_COLORS, STYLE, cosine_figure, draw_connect, figure_legend, find_dirs,
-                         group_series, group_table, load_run, load_runs, metrics_figure, new_figure,
-                         parent_rows, phase_figure, plot, projection_figure, set_scale, with_curvature)
+from sphrun.phases import group_table
+from sphrun.plot import (KINDS, cosine_figure, draw_connect, metrics_figure, phase_figure, plot, projection_figure,
+                         with_curvature)
+from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows
+from sphrun.style import PHASE_COLORS, PHASE_EDGES, STYLE, figure_legend, new_figure, set_scale
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
@@ -141,10 +143,18 @@ def box_y(box):
     return y.min(), y.max()
 
 
+def shading_span(ax, patch):
+    """(left, right) in data x of a phase band: a Rectangle, or before Matplotlib 3.9 a Polygon."""
+    shown = patch.get_transform().transform(patch.get_path().vertices)  # in display units
+    x = ax.transData.inverted().transform(shown)[:, 0]
+    return x.min(), x.max()
+
+
 def band_colour(ax, x):
     """The colour of the phase band behind x (None where there is none)."""
     for patch in ax.patches:
-        if patch.get_x() <= x <= patch.get_x() + patch.get_width():
+        left, right = shading_span(ax, patch)
+        if left * (1 - 1e-9) <= x <= right * (1 + 1e-9):
             return to_hex(patch.get_facecolor())
     return None
 
@@ -168,6 +178,19 @@ def test_metrics_figure_draws_each_runs_final_values_and_phase(handmade):
     child = [rows for path, rows in written.items() if "-ft-" in path][0]
     fine_tune = line_labelled(figure.axes[0], f"fine-tuned from {run_name(FT_PARENT)} at step {FT_FROM}")
     assert list(fine_tune.get_ydata()) == pytest.approx([final(child, "train_loss")])
+
+
+def test_metrics_shading_claims_no_phase_past_the_outermost_elrs(handmade):
+    root, _ = handmade
+    runs = sweep_runs(root)
+    figure = render(metrics_figure(runs, group_table(runs)))
+    for ax in figure.axes:
+        spans = [shading_span(ax, patch) for patch in ax.patches]
+        assert len(spans) == len(SWEEP)
+        assert min(s[0] for s in spans) == pytest.approx(min(SWEEP)), ax.get_ylabel()
+        assert max(s[1] for s in spans) == pytest.approx(max(SWEEP)), ax.get_ylabel()
+        low, high = ax.get_xlim()
+        assert low < min(SWEEP) and high > max(SWEEP)  # the axis goes on, unshaded, where nothing was run
 
 
 def test_metrics_writes_and_prints_the_phase_table(handmade, tmp_path, monkeypatch, capsys):
@@ -243,6 +266,46 @@ def test_cosine_figure_draws_the_later_half_of_each_run(handmade):
         assert box.get_window_extent().width > 0.05 * axes_width
 
 
+def box_lines(ax, box):
+    """The whiskers, caps and median drawn over a box's width (not fliers, nor the line marking 0)."""
+    left, right = box_x(box)
+    return [line for line in ax.get_lines() if line.get_transform() is ax.transData
+            and line.get_linestyle() != "None" and left - 1e-9 <= np.mean(line.get_xdata()) <= right + 1e-9]
+
+
+def test_cosine_boxes_are_drawn_in_their_phases_colours(handmade):
+    root, _ = handmade
+    runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
+    ax = render(cosine_figure(runs)).axes[0]
+    for slot, elr in enumerate(sorted(SWEEP)):
+        box = [b for b in ax.patches if min(box_x(b)) <= slot <= max(box_x(b))][0]
+        phase = SWEEP[elr]
+        assert to_hex(box.get_facecolor()) == PHASE_COLORS[phase], elr
+        # phase 1's cosines are all 0.9999: a flat box, which shows its phase in its lines alone
+        lines = box_lines(ax, box)
+        assert len(lines) == 5 and {to_hex(line.get_color()) for line in lines} == {PHASE_EDGES[phase]}, elr
+        assert to_hex(box.get_edgecolor()) == PHASE_EDGES[phase], elr
+    # phase 3's cosines lie about 0: it stays in view, marked
+    low, high = ax.get_ylim()
+    assert low < 0 < high and any(list(line.get_ydata()) == [0, 0] for line in ax.get_lines())
+
+
+def test_cosine_axis_fits_cosines_far_from_0(tmp_path):
+    """Cosines within 0.94-1: on an axis from 0 to 1 every box would be a flat bar."""
+    for elr, phase, lowest in ((1e-4, "1", 0.99), (1e-2, "2", 0.94)):
+        rows = [dict(handmade_row(phase, elr, k), cos_prev=lowest + 0.002 * (k % 5)) for k in range(len(STEPS))]
+        write_run(tmp_path / f"elr{elr:g}", elr, rows)
+    runs = sweep_runs(tmp_path)
+    ax = render(cosine_figure(runs)).axes[0]
+    later = [r["cos_prev"] for run in runs for r in run.rows if r["iter"] >= STEPS[-1] / 2]
+    low, high = ax.get_ylim()
+    spread = max(later) - min(later)
+    assert min(later) - 0.2 * spread < low < min(later)  # fitted below, 0 far out of view
+    assert 1 <= high < 1 + 0.2 * spread  # 1 (parallel) is near: kept in view
+    assert all(box.get_window_extent().height > 5 for box in ax.patches)  # boxes, not bars
+    assert not [line for line in ax.get_lines() if list(line.get_ydata()) == [0, 0]]
+
+
 def test_cosine_figure_keeps_its_legend_off_the_plot(handmade):
     root, _ = handmade
     figure = render(cosine_figure(sweep_runs(root)))
@@ -279,6 +342,52 @@ def test_connect_figure_draws_the_csv_columns(tmp_path):
             assert len(labelled_ticks(ax.yaxis)) >= 2, column
 
 
+def connect_output(folder, config):
+    """A connect output of 11 points whose config.json is `config`."""
+    folder.mkdir(parents=True)
+    write_csv(folder / "connect.csv", [{"alpha": a / 10, "train_loss": 1 + a * (10 - a) / 25,
+                                        "train_err": 0.2 + a * (10 - a) / 100, "test_loss": 1.5,
+                                        "test_err": 0.4, "gm": 2.0 + a / 10} for a in range(11)])
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def suptitle(figure):
+    return " ".join(text.get_text() for text in figure.texts)  # Figure.get_suptitle: Matplotlib 3.8 on
+
+
+def end(run, seed, elr=3e-4, step=900):
+    settings = {"elr": elr, "loss": "ce", "dataset": "synthetic", "subset": 500.0, "model": "convnet",
+                "width": 4, "seed": seed}
+    return {"run": run, "iter": step, "elr": elr, "settings": settings}
+
+
+def test_connect_figure_names_both_ends_and_the_train_set(tmp_path):
+    ends = {"command": "connect", "a": end("runs/x-s0", 0), "b": end("runs/x-s1", 1)}
+    folder = connect_output(tmp_path / "x-s0@900--x-s1@900", {**ends, "train_size": 500})
+    figure = render(draw_connect([folder]))
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["ELR 0.0003 s0 @900 to ELR 0.0003 s1 @900"]  # one output: named all the same
+    heading = suptitle(figure)
+    assert "synthetic data (500 train images)" in heading and "subset" not in heading  # as the runs' titles
+    # an output of an older sphrun, without train_size: read from end A's run, where it is
+    write_run(tmp_path / "runs" / "x-s0", 3e-4, handmade_rows("1", 3e-4))
+    older = connect_output(tmp_path / "older", {**ends, "a": end(str(tmp_path / "runs" / "x-s0"), 0)})
+    assert "(50,000 train images)" in suptitle(draw_connect([older]))
+
+
+def test_connect_figure_shows_the_ends_whole(tmp_path):
+    folder = connect_output(tmp_path / "ab", {"a": end("a", 0), "b": end("b", 1), "train_size": 500})
+    figure = render(draw_connect([folder]))
+    for ax in figure.axes:
+        inside_axes = ax.get_window_extent()
+        for line in ax.get_lines():
+            radius = line.get_markersize() / 2 * figure.dpi / 72  # in pixels
+            for point in ax.transData.transform(line.get_xydata()[[0, -1]]):
+                assert inside_axes.x0 + radius <= point[0] <= inside_axes.x1 - radius, ax.get_ylabel()
+                assert inside_axes.y0 + radius <= point[1] <= inside_axes.y1 - radius, ax.get_ylabel()
+
+
 def test_projection_figure_draws_the_mean_over_steps(handmade):
     root, written = handmade
     runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
@@ -288,6 +397,17 @@ def test_projection_figure_draws_the_mean_over_steps(handmade):
     means = [100 * np.mean([r["proj_err"] for r in written[str(root / run_name(e))][1:]])
              for e in sorted(SWEEP)]
     assert list(line.get_ydata()) == pytest.approx(means)
+
+
+def test_projection_writes_elrs_as_metrics_does(handmade):
+    """Over 3e-4 to 1e-1 both axes label 10^-3, 10^-2, 10^-1, in one style (not 0.001 on one of them)."""
+    root, _ = handmade
+    runs = [r for r in sweep_runs(root) if "-ft-" not in r.path and r.elr > 1e-4]
+    projection = render(projection_figure(runs)).axes[0]
+    metrics = render(metrics_figure(runs, group_table(runs))).axes
+    expected = ["$10^{-3}$", "$10^{-2}$", "$10^{-1}$"]
+    assert labelled_ticks(projection.xaxis) == expected
+    assert all(labelled_ticks(ax.xaxis) == expected for ax in metrics)
 
 
 # --- readable figures -------------------------------------------------------------------------------
@@ -303,6 +423,29 @@ def test_every_log_axis_has_labelled_ticks(low, high):
     assert ax.get_yscale() == "log"
     labels = labelled_ticks(ax.yaxis)
     assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+
+
+@pytest.mark.parametrize("low, high", [(2.8, 7.2), (2.7, 4.6), (11, 19), (0.6, 1.4), (116, 685), (1.1, 9.6),
+                                       (0.17, 1.6), (12, 35), (2, 15), (3e-4, 8e-3)])
+def test_a_value_under_two_decades_reads_off_a_label_near_it(low, high):
+    """Labels bracket the values within a third under a decade (2.8 is not read off labels 4 and 6), within
+    a factor 2 over one to two, neighbours at most 2.5 times apart (1, 2, 5), and no two labels overlap on
+    a panel of the 2x2 grid."""
+    with matplotlib.rc_context(STYLE):
+        figure, axes = new_figure(2, 2, height=3.3)
+    ax = axes[1, 1]
+    ax.plot([0, 1], [low, high])
+    set_scale(ax, "y", [low, high])
+    render(figure)
+    shown_low, shown_high = ax.get_ylim()
+    ticks = [(loc, label) for loc, label in zip(ax.yaxis.get_majorticklocs(), ax.yaxis.get_majorticklabels())
+             if shown_low <= loc <= shown_high and label.get_text()]
+    values = [loc for loc, _ in ticks]
+    near = 4 / 3 if high / low < 10 else 2
+    assert values[0] <= low * near and values[-1] >= high / near, values
+    assert all(b / a <= 2.5 for a, b in zip(values, values[1:])), values
+    boxes = [label.get_window_extent() for _, label in ticks]
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), values
 
 
 @pytest.mark.parametrize("labels", [

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import random
 import statistics
 
 import numpy as np
@@ -14,9 +15,11 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 
-from test_plot import run_cli
-from sphrun.plot import (PHASE_COLORS, cosine_figure, find_dirs, group_table, load_runs, metrics_figure,
-                         phase_figure, projection_figure)
+from test_plot import band_colour, inside, labelled_ticks, render, run_cli
+from sphrun.phases import group_table
+from sphrun.plot import cosine_figure, metrics_figure, phase_figure, projection_figure
+from sphrun.runs import find_dirs, load_runs
+from sphrun.style import PHASE_COLORS
 
 STEPS = [100 * k for k in range(12)]
 # the phase of seeds 0, 1, 2 at each ELR: all converge at 1e-3; at 1e-2 seed 0 random-walks and the others
@@ -59,10 +62,10 @@ def write_run(folder, settings, rows, parent=None):
         writer.writerows(reversed(rows))  # the last row of the file is not the final one
 
 
-def write_sweep(root, loss="ce", scale=1.0, data_seed=0, seeds=SEEDS):
-    """The runs of SEED_PHASES for one loss; returns {run path: (elr, seed, its rows by step)}."""
+def write_sweep(root, loss="ce", scale=1.0, data_seed=0, seeds=SEEDS, seed_phases=SEED_PHASES):
+    """The runs of `seed_phases` for one loss; returns {run path: (elr, seed, its rows by step)}."""
     written = {}
-    for elr, phases in SEED_PHASES.items():
+    for elr, phases in seed_phases.items():
         for seed in seeds:
             path = str(root / f"cifar10-convnet32-{loss}-elr{elr:g}-s{seed}-d{data_seed}")
             rows = [metrics_row(phases[seed], elr, seed, k, scale) for k in range(len(STEPS))]
@@ -107,13 +110,6 @@ def band_edges(ax):
     return bands
 
 
-def band_colour(ax, x):
-    for patch in ax.patches:
-        if patch.get_x() <= x <= patch.get_x() + patch.get_width():
-            return to_hex(patch.get_facecolor())
-    return None
-
-
 def test_metrics_draw_the_mean_over_seeds_and_a_min_max_band(sweep):
     root, written = sweep
     runs = loaded(root)
@@ -134,6 +130,45 @@ def test_metrics_draw_the_mean_over_seeds_and_a_min_max_band(sweep):
         assert band_colour(ax, 1e-3) == PHASE_COLORS["1"] and band_colour(ax, 1e-2) == PHASE_COLORS["2"]
     legend = " ".join(t.get_text() for t in figure.legends[0].get_texts())
     assert "mean over 3 seeds" in legend and "lowest to highest" in legend
+
+
+def test_the_band_is_drawn_in_its_lines_colour(sweep):
+    root, _ = sweep
+    runs = loaded(root)
+    for ax in metrics_figure(runs, group_table(runs)).axes:
+        line, band = data_lines(ax)[0], [c for c in ax.collections if isinstance(c, PolyCollection)][0]
+        colour = to_hex(line.get_color())
+        assert to_hex(band.get_facecolor()[0]) == colour and band.get_facecolor()[0][3] < 0.5  # seen through
+        assert to_hex(band.get_edgecolor()[0]) == colour  # outlined: over a phase's shading a fill turns muddy
+
+
+def test_gm_within_a_decade_reads_off_labels_near_every_value(tmp_path):
+    """GM of phases 1 and 2 only (2.9 to 4.8): a value near 2.9 has a label near it, not just 4 and 6."""
+    write_sweep(tmp_path, seed_phases={1e-3: "111", 1e-2: "222"})
+    runs = loaded(tmp_path)
+    ax = render(metrics_figure(runs, group_table(runs))).axes[3]
+    labels = [float(text) for text in labelled_ticks(ax.yaxis)]
+    drawn = [y for line in data_lines(ax) for y in line.get_ydata()] + [y for band in band_edges(ax)
+                                                                        for edge in band.values() for y in edge]
+    assert max(drawn) / min(drawn) < 10 and len(labels) >= 3
+    for value in drawn:
+        assert min(abs(math.log(value / label)) for label in labels) <= math.log(4 / 3), (value, labels)
+
+
+def test_phase_diagram_legend_hides_no_point(tmp_path):
+    """Nine trajectories that wander over the whole axes: no corner of them is free for a legend."""
+    rng = random.Random(0)
+    for elr in (1e-3, 1e-2, 1e-1):
+        for seed in SEEDS:
+            rows = [dict(metrics_row("2", elr, seed, k), train_loss=10 ** rng.uniform(-1, 1),
+                         gm=10 ** rng.uniform(0, 3)) for k in range(len(STEPS))]
+            write_run(tmp_path / f"elr{elr:g}-s{seed}", {"elr": elr, "loss": "ce", "seed": seed}, rows)
+    figure = render(phase_figure(loaded(tmp_path)))
+    ax = figure.axes[0]
+    legend = (figure.legends or [ax.get_legend()])[0].get_window_extent()
+    points = [point for line in ax.get_lines() for point in ax.transData.transform(line.get_xydata())]
+    assert len(points) > 9 * len(STEPS) and not any(legend.contains(x, y) for x, y in points)
+    assert inside(legend, figure.bbox)
 
 
 def test_phase_table_has_one_row_per_group(sweep):
@@ -180,7 +215,10 @@ def test_no_aggregate_draws_every_run_alone(sweep, tmp_path, monkeypatch, capsys
     ax = figure.axes[0]
     assert not band_edges(ax)
     drawn = sorted((x, y) for line in data_lines(ax) for x, y in zip(line.get_xdata(), line.get_ydata()))
-    assert drawn == pytest.approx(sorted((w[0], w[2][-1]["train_loss"]) for w in written.values()))
+    expected = sorted((w[0], w[2][-1]["train_loss"]) for w in written.values())
+    assert len(drawn) == len(expected)
+    for point, want in zip(drawn, expected):  # pairs one by one: pytest.approx takes no nested lists
+        assert list(point) == pytest.approx(list(want)), (point, want)
     assert len(data_lines(ax)) == 3  # a line per seed, through its 2 ELRs: 6 points
     code, _, err = run_cli(monkeypatch, capsys, root, "--kind", "metrics", "--no-aggregate",
                            "--out", tmp_path / "alone.png")
@@ -231,7 +269,7 @@ def test_phase_diagram_draws_a_line_per_seed_in_its_groups_colour(sweep, aggrega
         assert len(drawn) == 1, (elr, seed)
         colours.setdefault(elr, set()).add(to_hex(drawn[0].get_color()))
     assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 2
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    labels = [t.get_text() for t in ax.figure.legends[0].get_texts()]
     assert any("one line per seed" in label for label in labels) == aggregate
 
 

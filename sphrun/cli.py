@@ -514,7 +514,7 @@ def connect(
                 other_data=other_data)
 
 
-@app.command(cls=Command, short_help="Gradient norm, Fisher and Hessian traces, top Hessian eigenvalue.")
+@app.command(cls=Command, short_help="Gradient norm, Fisher and Hessian traces, Hessian eigenvalues and density.")
 def curvature(
     run: str = typer.Argument(..., metavar="RUN", help="Run directory."),
     at: str = typer.Option(
@@ -526,12 +526,26 @@ def curvature(
              "the Hessian of the loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; the "
              "Fisher for these losses); hessian-trace (trace of the Hessian of the train loss); hessian-eig "
              "(the largest eigenvalue of that Hessian: the top Ritz value of --lanczos Lanczos steps, which "
-             "approaches it from below). Matrices are over all SI parameters and traces are totals over "
-             "them, not per parameter."),
+             "approaches it from below); hessian-density (the density of that Hessian's eigenvalues by "
+             "stochastic Lanczos quadrature: --probes Lanczos runs of --lanczos steps from Rademacher "
+             "starts, their Ritz values weighted by the squared first components of the tridiagonal "
+             "matrix's eigenvectors, averaged, and smoothed by --sigma; written to RUN/hessian-density.csv "
+             "as iter,eigenvalue,density, in 1/eigenvalue units, integrating to 1; asked for by name, not "
+             "in the default). Matrices are over all SI parameters and traces are totals over them, not "
+             "per parameter."),
     probes: int = typer.Option(
-        5, metavar="N", help="Rademacher probe vectors per batch of the Hutchinson traces."),
+        5, metavar="N",
+        help="Rademacher probe vectors per batch of the Hutchinson traces; Lanczos runs (random starts) of "
+             "hessian-density."),
     lanczos: int = typer.Option(
-        10, metavar="N", help="Lanczos steps (Hessian-vector products over all batches) of hessian-eig."),
+        10, metavar="N",
+        help="Lanczos steps (Hessian-vector products over all batches) of hessian-eig, and of each run of "
+             "hessian-density."),
+    sigma: float = typer.Option(
+        0.01, metavar="S",
+        help="hessian-density: the standard deviation of the Gaussian that smooths each Ritz value, as a "
+             "fraction of the spread of the Ritz values (largest minus smallest over all probes), from "
+             "0.001 to 1; the curve is sampled every sigma/5 and 5 sigma past the outermost values."),
     batches: Optional[int] = typer.Option(
         None, metavar="N",
         help="Measure over the first N full train batches of the run's batch size, those of metrics.csv; at "
@@ -560,17 +574,19 @@ def curvature(
     The loss is the mean of the batch losses L_b over the run's full train batches (those of
     metrics.csv: the n mod batch-size leftover images are left out), BatchNorm in train mode by
     default; BatchNorm buffers are left as found. Adds one row per step to RUN/curvature.csv (iter plus
-    one column per measure); steps and measures already there are skipped unless --recompute. The
+    one column per measure), and hessian-density's curve (one row per eigenvalue of its grid) to
+    RUN/hessian-density.csv; steps and measures already there are skipped unless --recompute. The
     settings used are kept in RUN/curvature.json, and values of other settings are never mixed in.
     Several processes may measure one run at once: each value is merged into the files as written.
-    Cost per checkpoint in passes over the batches: gm 1, each trace --probes, hessian-eig --lanczos.
+    Cost per checkpoint in passes over the batches: gm 1, each trace --probes, hessian-eig --lanczos,
+    hessian-density --probes x --lanczos.
     """
     from sphrun.curvature import run_curvature
 
     run_curvature(run, at, measures, probes=probes, lanczos=lanczos,
                   batches=at_least(batches, "--batches"), bn_mode=bn_mode, recompute=recompute,
                   seed=seed, device=device, data_dir=folder(data_dir, "--data-dir"), allow_tf32=tf32,
-                  other_data=other_data)
+                  other_data=other_data, sigma=sigma)
 
 
 def main():

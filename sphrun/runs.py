@@ -130,16 +130,25 @@ def require_columns(run, columns, source="metrics.csv"):
 
 
 def read_curvature(run, required=True):
-    """RUN/curvature.csv as rows by step, each with the measures taken there (columns like hessian-eig);
-    None when there is none and none is required."""
-    from sphrun.curvature import CurvatureFile
+    """RUN/curvature.csv as rows by step, each with the scalar measures taken there (columns like
+    hessian-eig); None when there is none and none is required."""
+    from sphrun.curvature import SCALARS, CurvatureFile
 
-    measured, _ = CurvatureFile(run).read()
+    rows, _ = CurvatureFile(run).read()
+    measured = {it: {m: v for m, v in values.items() if m in SCALARS} for it, values in rows.items()}
+    measured = {it: values for it, values in measured.items() if values}
     if not measured and not required:
         return None
     if not measured:
         raise SphrunError(f"{run.path} has no curvature.csv: run `sphrun curvature {run.path}` first")
     return [{"iter": it, **values} for it, values in sorted(measured.items())]
+
+
+def read_density(run):
+    """RUN/hessian-density.csv as {step: Density}; empty when there is none."""
+    from sphrun.curvature import CurvatureFile
+
+    return CurvatureFile(run).read_densities()
 
 
 def find_parent(run, runs_by_path):

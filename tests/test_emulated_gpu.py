@@ -131,6 +131,8 @@ def test_every_command_takes_the_cuda_path(cuda, cli, tmp_path, monkeypatch):
                  ["finetune", a, "--elr", "2e-3", "--iters", "8", "--eval-every", "4", *auto, "--out", b],
                  ["connect", a, b, "--points", "3", *cuda_, "--out", tmp_path / "ab"],
                  ["curvature", a, "--at", "last", "--probes", "1", "--lanczos", "2", "--batches", "2", *auto],
+                 ["curvature", a, "--at", "last", "--measures", "hessian-density", "--probes", "1", "--lanczos",
+                  "2", "--batches", "2", *cuda_],
                  ["curvature", a, "--at", "last", "--measures", "gm", "--recompute", *cuda_]):
         code, err = cli(*args)
         assert code == 0, err
@@ -141,6 +143,7 @@ def test_every_command_takes_the_cuda_path(cuda, cli, tmp_path, monkeypatch):
     assert tf32_while_measuring == [(False, False)] * len(tf32_while_measuring) and tf32_while_measuring
     assert RunDir(a).read_config()["status"] == RunDir(b).read_config()["status"] == "done"
     assert open(tmp_path / "ab" / "connect.csv").read().count("\n") == 4
+    assert open(a / "hessian-density.csv").readline() == "iter,eigenvalue,density\n"
 
 
 def test_a_cuda_device_without_its_index_is_the_current_one(cuda, monkeypatch):

@@ -79,7 +79,7 @@ def syncs_over(cuda, work):
     return cuda.counts.syncs - before
 
 
-@pytest.mark.parametrize("which", ["gm", "fisher-trace", "hessian-trace", "hessian-eig"])
+@pytest.mark.parametrize("which", ["gm", "fisher-trace", "hessian-trace", "hessian-eig", "hessian-density"])
 def test_curvature_makes_no_sync_per_batch(cuda, which):
     config = TrainConfig(**{**TINY, "device": "cuda", "elr": 1e-3, "iters": 1})
     data, model, params, order = prepare(config, torch.device("cuda", 0))

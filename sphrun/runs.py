@@ -12,12 +12,12 @@ import numpy as np
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
 from sphrun.progress import message
-from sphrun.rundir import RunDir
+from sphrun.rundir import OUTPUT_TABLES, RunDir
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic data"}
 LOSS_NAMES = {"ce": "cross-entropy", "mse": "MSE"}
 CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err")
-RUN_MARKER, CONNECT_MARKER = "config.json", "connect.csv"  # the file in a run, in a connect output
+RUN_MARKER, CONNECT_MARKER, PLANE_MARKER = "config.json", "connect.csv", "plane.csv"  # in a run, a segment, a plane
 # Settings that do not split runs into separate lines against the ELR: the ELR itself, the run's length
 # and where it ran, and the start step and ELR of a fine-tune (its parent already tells those apart).
 NOT_SERIES = ("elr", "epochs", "iters", "eval_every", "keep", "device", "data_dir", "origin", "elr_from")
@@ -93,9 +93,9 @@ def find_dirs(paths, marker):
 
 
 def is_target(folder, marker):
-    if marker == RUN_MARKER:  # a run: a connect output has a config.json too, but also connect.csv
+    if marker == RUN_MARKER:  # a run: a connect output has a config.json too, but also its table
         return (os.path.isfile(os.path.join(folder, RUN_MARKER))
-                and not os.path.isfile(os.path.join(folder, CONNECT_MARKER)))
+                and not any(os.path.isfile(os.path.join(folder, table)) for table in OUTPUT_TABLES))
     return os.path.isfile(os.path.join(folder, marker))
 
 
@@ -325,6 +325,39 @@ def read_connect(folder):
     if len(rows) < 2:
         raise SphrunError(f"{path} has fewer than 2 points")
     return sorted(rows, key=lambda r: r["alpha"])
+
+
+PLANE_COLUMNS = ("u", "v", "train_loss", "train_err", "test_loss", "test_err")
+
+
+def read_plane(folder):
+    """A plane output (`sphrun connect A B C`): (u values, v values, {column: values as a 2-d array, row i
+    at the i-th v, column j at the j-th u}), the grid's axes ascending."""
+    path = os.path.join(folder, PLANE_MARKER)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except FileNotFoundError:
+        raise SphrunError(f"{folder} is not a sphrun plane output (no {PLANE_MARKER})")
+    missing = [c for c in PLANE_COLUMNS if c not in header]
+    if missing:
+        raise SphrunError(f"{path} has no column {', '.join(missing)}")
+    try:
+        rows = [{k: float(v) for k, v in row.items()} for row in rows]
+    except (TypeError, ValueError):
+        raise SphrunError(f"{path} has a malformed row")
+    us, vs = sorted({r["u"] for r in rows}), sorted({r["v"] for r in rows})
+    if len(us) < 2 or len(vs) < 2 or len(rows) != len(us) * len(vs):
+        raise SphrunError(f"{path} is not a full grid of at least 2 x 2 points ({len(rows)} rows over "
+                          f"{len(us)} u and {len(vs)} v values)")
+    index_u, index_v = {u: j for j, u in enumerate(us)}, {v: i for i, v in enumerate(vs)}
+    grids = {c: np.full((len(vs), len(us)), np.nan) for c in header if c not in ("u", "v")}
+    for r in rows:
+        for c, grid in grids.items():
+            grid[index_v[r["v"]], index_u[r["u"]]] = r[c]
+    return np.array(us), np.array(vs), grids
 
 
 def read_connect_config(folder):

@@ -306,22 +306,28 @@ def labelled_series(series):
 
 
 # --- connect outputs --------------------------------------------------------------------------------
-def read_connect(folder):
-    path = os.path.join(folder, "connect.csv")
+def read_table(folder, table, columns, what):
+    """(its path, its rows as floats, its header) of the CSV `table` of a connect output, refused in one
+    line when absent, short of one of `columns` or malformed."""
+    path = os.path.join(folder, table)
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             header = reader.fieldnames or []
     except FileNotFoundError:
-        raise SphrunError(f"{folder} is not a sphrun connect output (no connect.csv)")
-    missing = [c for c in CONNECT_COLUMNS if c not in header]
+        raise SphrunError(f"{folder} is not a sphrun {what} (no {table})")
+    missing = [c for c in columns if c not in header]
     if missing:
         raise SphrunError(f"{path} has no column {', '.join(missing)}")
     try:
-        rows = [{k: float(v) for k, v in row.items()} for row in rows]
+        return path, [{k: float(v) for k, v in row.items()} for row in rows], header
     except (TypeError, ValueError):
         raise SphrunError(f"{path} has a malformed row")
+
+
+def read_connect(folder):
+    path, rows, _ = read_table(folder, CONNECT_MARKER, CONNECT_COLUMNS, "connect output")
     if len(rows) < 2:
         raise SphrunError(f"{path} has fewer than 2 points")
     return sorted(rows, key=lambda r: r["alpha"])
@@ -333,21 +339,7 @@ PLANE_COLUMNS = ("u", "v", "train_loss", "train_err", "test_loss", "test_err")
 def read_plane(folder):
     """A plane output (`sphrun connect A B C`): (u values, v values, {column: values as a 2-d array, row i
     at the i-th v, column j at the j-th u}), the grid's axes ascending."""
-    path = os.path.join(folder, PLANE_MARKER)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except FileNotFoundError:
-        raise SphrunError(f"{folder} is not a sphrun plane output (no {PLANE_MARKER})")
-    missing = [c for c in PLANE_COLUMNS if c not in header]
-    if missing:
-        raise SphrunError(f"{path} has no column {', '.join(missing)}")
-    try:
-        rows = [{k: float(v) for k, v in row.items()} for row in rows]
-    except (TypeError, ValueError):
-        raise SphrunError(f"{path} has a malformed row")
+    path, rows, header = read_table(folder, PLANE_MARKER, PLANE_COLUMNS, "plane output")
     us, vs = sorted({r["u"] for r in rows}), sorted({r["v"] for r in rows})
     if len(us) < 2 or len(vs) < 2 or len(rows) != len(us) * len(vs):
         raise SphrunError(f"{path} is not a full grid of at least 2 x 2 points ({len(rows)} rows over "

@@ -588,7 +588,8 @@ def curvature(
         0.01, metavar="S",
         help="hessian-density: the standard deviation of the Gaussian that smooths each Ritz value, as a "
              "fraction of the spread of the Ritz values (largest minus smallest over all probes), from "
-             "0.001 to 1; the curve is sampled every sigma/5 and 5 sigma past the outermost values."),
+             "0.001 to 1; the curve is sampled every fifth of that width, out to 5 widths past the outermost "
+             "Ritz values (5 / S + 51 points per step)."),
     batches: Optional[int] = typer.Option(
         None, metavar="N",
         help="Measure over the first N full train batches of the run's batch size, those of metrics.csv; at "

@@ -35,7 +35,7 @@ from sphrun.rundir import check_output_folder
 from sphrun.sphere import project_
 
 PLANE_COLUMNS = ("u", "v", *POINT_COLUMNS)
-POINTS_PER_PASS = 16  # grid points packed together on CUDA: about 1.5 GB of activations at width 32
+POINTS_PER_PASS = 16  # grid points packed together on CUDA: a few GB of activations at width 32, batch 128
 COLLINEAR = 1e-4  # sin of the angle at A under which the three ends span no plane (float32 round-off: 1e-7)
 
 

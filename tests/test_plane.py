@@ -190,3 +190,12 @@ def test_a_plane_never_replaces_a_segments_output(runs, cli, tmp_path):
     assert code == 2 and "another connect output's config.json (connect.csv beside it)" in err, err
     assert sorted(os.listdir(out)) == before
     assert math.isclose(json.load(open(out / "config.json"))["points"], 2)
+
+
+def test_a_plane_never_goes_into_a_run(runs, cli, tmp_path):
+    for out, says in ((runs[0], "holds a run's config.json"), (os.path.join(runs[0], "plane"), "is a run directory"),
+                      (os.path.dirname(runs[0]), "holds run directories")):
+        before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+        code, err = cli("connect", *runs, "--grid", "2", "--out", out)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before

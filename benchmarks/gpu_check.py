@@ -26,7 +26,7 @@ sphrun single and packed K = 16 in fp32 and bf16; ConvNet width 32, batch 128, t
 synthetic set. Targets, as PASS/FAIL lines: single >= 6x the reference, packed K = 16 >= 12.5x (fp32)
 and >= 20x (bf16) in model-steps/s, and the pack faster than the vmap ensemble.
 
-About 4 minutes on one H100/H200. Exits 1 when any line fails. `--device cpu` runs (a) against itself
+Meant to take a few minutes on one H100/H200 (not yet timed on a GPU). Exits 1 when any line fails. `--device cpu` runs (a) against itself
 on a CPU (slowly); the suite runs the checks on an emulated GPU (tests/test_gpu_check.py).
 """
 

@@ -12,14 +12,19 @@ Inside `emulated_cuda()`:
   host tensor of more than one element raises, as CUDA does (indexing with host indices is a counted
   host-to-device copy instead); reads of device values on the host (.item(), .tolist(), bool(), float(),
   .cpu(), a copy into a host tensor, data-dependent shapes) count as host syncs; host-to-device copies
-  count; `.numpy()` of a device tensor raises;
+  count; `.numpy()` of a device tensor raises. A tensor that torch's C++ makes with no tensor argument
+  (zeros in a backward formula) takes another tensor's device there, which the CPU does not show: it
+  is claimed by the device at its first use with device tensors;
+- the emulated device computes with PyTorch's native CPU kernels (oneDNN off: its channels_last
+  backward corrupted the heap under this emulation);
 - torch.cuda.CUDAGraph is `Graph`, a model of capture: `with torch.cuda.graph(g)` records the aten
   calls that touch the device (host-only work runs once at capture, as on a GPU, and is not replayed),
   with their Python scalars baked in as a graph bakes kernel arguments, and then undoes what they wrote,
   since a real capture runs no kernel. `g.replay()` calls the recording again on the very same tensors,
   each result written into the memory the capture gave it. A random-number op, a host sync or a
   host-to-device copy inside the capture raises, as on a GPU (F.one_hot's bounds check, which runs on
-  the CPU only, aside).
+  the CPU only, aside). `g.kernels()` are the recorded ops that launch work (not views, not
+  allocations).
 """
 
 import contextlib
@@ -41,6 +46,7 @@ DATA_DEPENDENT_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_
 # Indexing a device tensor with host indices is allowed: torch copies the indices over first.
 HOST_INDEX_OPS = (aten.index.Tensor, aten.index_put_.default, aten._index_put_impl_.default,
                   aten.index_put.default)
+# Ops that launch no kernel though torch does not mark them as views: allocations, and _unsafe_view.
 ALLOCATIONS = (aten.empty.memory_format, aten.empty_strided.default, aten._unsafe_view.default)
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu")
 
@@ -390,8 +396,8 @@ def emulated_cuda(monkeypatch):
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
              torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled)
     # The emulated GPU computes with PyTorch's native CPU kernels: oneDNN's channels_last convolutions
-    # corrupted the heap here (a crash in their backward, tests later), and sphrun's CPU form never
-    # uses channels_last.
+    # corrupted the heap under this emulation (a crash in their backward, tests later; not seen
+    # without it), and sphrun's CPU form never uses channels_last.
     torch.backends.mkldnn.enabled = False
     try:
         with DevicePlacement(emulator), DeviceTracking(emulator):

@@ -5,6 +5,7 @@ against the CPU form."""
 
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -16,8 +17,13 @@ from sphrun.rundir import RunDir
 from sphrun.train import Interrupted, StopRequest, train, train_sweep
 from sphrun.finetune import finetune
 
-from conftest import TINY
+from conftest import REPO, TINY
 from emulated_cuda import EmulationError
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import gpu_check  # noqa: E402  (its deliberate divergence)
+
+sys.path.pop(0)
 
 # 12 steps of 4 per epoch: 3 eager warm-up steps, the capture at step 4, an evaluation at 6 between
 # replays, and epochs changing under the graph
@@ -84,27 +90,6 @@ def stop_after(monkeypatch, steps):
             return self.signum is not None
 
     monkeypatch.setattr(training, "StopRequest", Stop)
-
-
-def poison(monkeypatch, member, from_step):
-    """Make model `member` of every pack non-finite from step `from_step` on, read on the device from
-    the step's counter, so that it diverges inside a replayed graph."""
-    steps = []
-    real_init, real_forward = Step.__init__, PackedConvNet.forward
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        steps.append(self)
-
-    def forward(self, x):
-        logits = real_forward(self, x)
-        if steps and self.training and torch.is_grad_enabled():  # training steps, not evaluation
-            nan = torch.where(steps[-1].counter >= from_step, float("nan"), 0.0)
-            logits = torch.cat([logits[:, :member], logits[:, member:member + 1] + nan, logits[:, member + 1:]], 1)
-        return logits
-
-    monkeypatch.setattr(Step, "__init__", init)
-    monkeypatch.setattr(PackedConvNet, "forward", forward)
 
 
 # --- the commands -------------------------------------------------------------------------------------
@@ -184,7 +169,8 @@ def test_graph_replay_equals_eager_training(cuda, tmp_path, monkeypatch, capsys,
         assert same_history(a, b), a
 
 
-def test_a_transition_past_the_capture_replays_the_new_rates(cuda, tmp_path, monkeypatch):
+def fine_tuned_along_a_transition(tmp_path, monkeypatch):
+    """A fine-tune whose rate moves for 10 steps, 7 after the capture: with the graph, then eagerly."""
     [parent] = train_all(configs(iters=4, eval_every=4), str(tmp_path / "parent"))
     runs = {}
     for name in ("graph", "eager"):
@@ -192,9 +178,14 @@ def test_a_transition_past_the_capture_replays_the_new_rates(cuda, tmp_path, mon
             eagerly(monkeypatch)
         runs[name], _ = finetune(parent, 1e-2, iters=12, transition=10, eval_every=4, device="cuda",
                                  out=str(tmp_path / name))
-    rates = [r["elr"] for r in RunDir(runs["graph"]).read_metrics()]
+    return runs["graph"], runs["eager"]
+
+
+def test_a_transition_past_the_capture_replays_the_new_rates(cuda, tmp_path, monkeypatch):
+    graphed, eager = fine_tuned_along_a_transition(tmp_path, monkeypatch)
+    rates = [r["elr"] for r in RunDir(graphed).read_metrics()]
     assert rates[0] < rates[1] < rates[2] < rates[3] == 1e-2  # the rate moved after the capture at step 7
-    assert same_history(runs["graph"], runs["eager"])
+    assert same_history(graphed, eager)
 
 
 def test_ctrl_c_and_resume_replay_as_eager_training(cuda, tmp_path, monkeypatch):
@@ -214,10 +205,10 @@ def test_ctrl_c_and_resume_replay_as_eager_training(cuda, tmp_path, monkeypatch)
 
 
 def test_a_member_diverging_after_the_capture(cuda, tmp_path, monkeypatch):
-    poison(monkeypatch, member=1, from_step=8)
-    graphed = train_all(configs((1e-3, 2e-3)), str(tmp_path / "graph"))
-    eagerly(monkeypatch)
-    eager = train_all(configs((1e-3, 2e-3)), str(tmp_path / "eager"))
+    with gpu_check.diverging(member=1, from_step=8):
+        graphed = train_all(configs((1e-3, 2e-3)), str(tmp_path / "graph"))
+        eagerly(monkeypatch)
+        eager = train_all(configs((1e-3, 2e-3)), str(tmp_path / "eager"))
     assert [RunDir(r).read_config()["status"] for r in graphed] == ["done", "diverged"]
     assert [r["iter"] for r in RunDir(graphed[1]).read_metrics()] == [0, 6]  # frozen at step 8
     for a, b in zip(graphed, eager):
@@ -270,15 +261,8 @@ def rebinding_rate(self, it, batch):
 def test_rebinding_an_input_instead_of_copying_into_it_is_caught(cuda, tmp_path, monkeypatch, bug):
     """Eagerly either way is right; a graph reads the tensors it was captured with, so it trains on a
     stale batch or rate: the capture model shows it (the rate changes along a transition)."""
-    [parent] = train_all(configs(iters=4, eval_every=4), str(tmp_path / "parent"))
     monkeypatch.setattr(Step, "take", bug)
-    runs = {}
-    for name in ("graph", "eager"):
-        if name == "eager":
-            eagerly(monkeypatch)
-        runs[name], _ = finetune(parent, 1e-2, iters=12, transition=10, eval_every=4, device="cuda",
-                                 out=str(tmp_path / name))
-    assert not same_history(runs["graph"], runs["eager"])
+    assert not same_history(*fine_tuned_along_a_transition(tmp_path, monkeypatch))
 
 
 # --- the first replay's check ---------------------------------------------------------------------------

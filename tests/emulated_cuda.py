@@ -29,10 +29,10 @@ Inside `emulated_cuda()`:
 
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -65,6 +65,13 @@ class Counts:
         return Counts(*(getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)))
 
 
+def storage_of(tensor):
+    """A tensor's storage, as a Python object that lives as long as the storage does. (Marks hold weak
+    references to these: torch's own StorageWeakRef, taken inside a dispatch mode, kept the memory.)"""
+    with torch._C.DisableTorchFunction():
+        return tensor.untyped_storage()
+
+
 def tensors_in(value):
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
@@ -86,7 +93,7 @@ class Emulator:
     """The state of one emulation: which storages are on the device, the counts, the graphs made."""
 
     def __init__(self):
-        self.marks = {}  # storage cdata -> StorageWeakRef of storages on the emulated device
+        self.marks = {}  # storage address -> weak reference to a storage on the emulated device
         # Storages that C++ made without a tensor argument (zeros in a backward formula, say): they take
         # another tensor's device there, which the CPU does not show; the first device op claims them.
         self.unplaced = {}
@@ -99,9 +106,8 @@ class Emulator:
 
     # --- marks ----------------------------------------------------------------------------------
     def mark(self, tensor, registry=None):
-        with torch._C.DisableTorchFunction():
-            ref = StorageWeakRef(tensor.untyped_storage())
-        (self.marks if registry is None else registry)[ref.cdata] = ref
+        storage = storage_of(tensor)
+        (self.marks if registry is None else registry)[storage._cdata] = weakref.ref(storage)
 
     def on_device(self, tensor, registry=None):
         registry = self.marks if registry is None else registry
@@ -110,11 +116,12 @@ class Emulator:
         with torch._C.DisableTorchFunction():  # the real device, and no recursion into DevicePlacement
             if tensor.is_meta:
                 return False
-            ref = registry.get(StorageWeakRef(tensor.untyped_storage()).cdata)
+        storage = storage_of(tensor)
+        ref = registry.get(storage._cdata)
         if ref is None:
             return False
-        if ref.expired():  # a freed storage whose address came back for a host tensor
-            del registry[ref.cdata]
+        if ref() is not storage:  # a freed storage whose address came back for another tensor
+            del registry[storage._cdata]
             return False
         return True
 
@@ -296,16 +303,15 @@ class Recorder(TorchDispatchMode):
         if device_op and em.placement != "host":
             with placing(em, "host"):  # the saved copies are the model's bookkeeping, not the step's work
                 for t in inputs:
-                    storage = t.untyped_storage()
-                    key = StorageWeakRef(storage).cdata
-                    if key not in self.graph.seen:
-                        self.graph.seen.add(key)
+                    storage = storage_of(t)
+                    if storage._cdata not in self.graph.seen:
+                        self.graph.seen[storage._cdata] = storage
                         self.graph.overwritten.append((storage, storage.clone()))
         result = func(*args, **kwargs)
         if device_op and em.placement != "host":
             self.graph.recording.append((func, args, kwargs, result))
             for t in tensors_in(result):  # made by the capture: nothing to undo there
-                self.graph.seen.add(StorageWeakRef(t.untyped_storage()).cdata)
+                self.graph.seen[storage_of(t)._cdata] = storage_of(t)
         return result
 
 
@@ -314,7 +320,7 @@ class Graph:
 
     def __init__(self, emulator):
         self.emulator = emulator
-        self.recording, self.overwritten, self.seen = [], [], set()
+        self.recording, self.overwritten, self.seen = [], [], {}  # seen: storages by address, held
         self.replays = 0
         emulator.graphs.append(self)
 
@@ -332,7 +338,7 @@ class Graph:
             with torch.no_grad(), placing(em, "host"):  # a capture runs no kernel: undo what it wrote
                 for storage, saved in self.overwritten:
                     storage.copy_(saved)
-            self.overwritten, self.seen = [], set()
+            self.overwritten, self.seen = [], {}
         for fault in em.faults:
             fault(self)
 

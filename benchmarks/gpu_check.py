@@ -26,7 +26,7 @@ sphrun single and packed K = 16 in fp32 and bf16; ConvNet width 32, batch 128, t
 synthetic set. Targets, as PASS/FAIL lines: single >= 6x the reference, packed K = 16 >= 12.5x (fp32)
 and >= 20x (bf16) in model-steps/s, and the pack faster than the vmap ensemble.
 
-About 4 minutes on one H100/H200. Exits 1 when any line fails. `--device cpu` runs (a) against itself
+Meant to take a few minutes on one H100/H200 (not yet timed on a GPU). Exits 1 when any line fails. `--device cpu` runs (a) against itself
 on a CPU (slowly); the suite runs the checks on an emulated GPU (tests/test_gpu_check.py).
 """
 
@@ -52,6 +52,7 @@ from loops import (reference_steps_per_second, sphrun_model_steps_per_second, ui
 from sphrun.cli import main as sphrun_main  # noqa: E402
 from sphrun.config import TrainConfig  # noqa: E402
 from sphrun.lifecycle import use_device  # noqa: E402
+from sphrun.metrics import tf32  # noqa: E402
 from sphrun.packed import PackedConvNet, Step  # noqa: E402
 from sphrun.rundir import RunDir  # noqa: E402
 
@@ -100,17 +101,6 @@ def deterministic():
         yield
     finally:
         torch.backends.cudnn.deterministic = flag
-
-
-@contextlib.contextmanager
-def full_float32():
-    """No TF32 anywhere, so that a GPU run is comparable with the CPU's float32."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 @contextlib.contextmanager
@@ -170,7 +160,7 @@ class Check:
         """The command on the device (named `device_option`, default this check's), on the device without
         graphs, and on the CPU; compares them."""
         device, option = self.path(name, "device"), device_option or self.device
-        with full_float32(), deterministic():
+        with tf32(False), deterministic():
             self.run(*args, "--device", option, "--out", device, must_end=must_end)
             with graphs_off():
                 self.run(*args, "--device", option, "--out", self.path(name, "eager"), must_end=must_end)
@@ -247,7 +237,7 @@ def transition(c):
     for where in ("device", "eager", "cpu"):
         parent = c.path("parent", where)
         options = ["--device", "cpu" if where == "cpu" else c.device]
-        with full_float32(), deterministic(), (graphs_off() if where == "eager" else contextlib.nullcontext()):
+        with tf32(False), deterministic(), (graphs_off() if where == "eager" else contextlib.nullcontext()):
             c.run("train", "--elr", "1e-4", *SMALL, *SHORT, *options, "--out", parent)
             c.run("finetune", parent, "--elr", "1e-3", "--transition", "12", "--iters", "20", "--eval-every", "10",
                   *options, "--out", c.path("transition", where))

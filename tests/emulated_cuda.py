@@ -12,22 +12,27 @@ Inside `emulated_cuda()`:
   host tensor of more than one element raises, as CUDA does (indexing with host indices is a counted
   host-to-device copy instead); reads of device values on the host (.item(), .tolist(), bool(), float(),
   .cpu(), a copy into a host tensor, data-dependent shapes) count as host syncs; host-to-device copies
-  count; `.numpy()` of a device tensor raises;
+  count; `.numpy()` of a device tensor raises. A tensor that torch's C++ makes with no tensor argument
+  (zeros in a backward formula) takes another tensor's device there, which the CPU does not show: it
+  is claimed by the device at its first use with device tensors;
+- the emulated device computes with PyTorch's native CPU kernels (oneDNN off: its channels_last
+  backward corrupted the heap under this emulation);
 - torch.cuda.CUDAGraph is `Graph`, a model of capture: `with torch.cuda.graph(g)` records the aten
   calls that touch the device (host-only work runs once at capture, as on a GPU, and is not replayed),
   with their Python scalars baked in as a graph bakes kernel arguments, and then undoes what they wrote,
   since a real capture runs no kernel. `g.replay()` calls the recording again on the very same tensors,
   each result written into the memory the capture gave it. A random-number op, a host sync or a
   host-to-device copy inside the capture raises, as on a GPU (F.one_hot's bounds check, which runs on
-  the CPU only, aside).
+  the CPU only, aside). `g.kernels()` are the recorded ops that launch work (not views, not
+  allocations).
 """
 
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -41,6 +46,7 @@ DATA_DEPENDENT_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_
 # Indexing a device tensor with host indices is allowed: torch copies the indices over first.
 HOST_INDEX_OPS = (aten.index.Tensor, aten.index_put_.default, aten._index_put_impl_.default,
                   aten.index_put.default)
+# Ops that launch no kernel though torch does not mark them as views: allocations, and _unsafe_view.
 ALLOCATIONS = (aten.empty.memory_format, aten.empty_strided.default, aten._unsafe_view.default)
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu")
 
@@ -57,6 +63,13 @@ class Counts:
 
     def since(self, before):
         return Counts(*(getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)))
+
+
+def storage_of(tensor):
+    """A tensor's storage, as a Python object that lives as long as the storage does. (Marks hold weak
+    references to these: torch's own StorageWeakRef, taken inside a dispatch mode, kept the memory.)"""
+    with torch._C.DisableTorchFunction():
+        return tensor.untyped_storage()
 
 
 def tensors_in(value):
@@ -80,7 +93,7 @@ class Emulator:
     """The state of one emulation: which storages are on the device, the counts, the graphs made."""
 
     def __init__(self):
-        self.marks = {}  # storage cdata -> StorageWeakRef of storages on the emulated device
+        self.marks = {}  # storage address -> weak reference to a storage on the emulated device
         # Storages that C++ made without a tensor argument (zeros in a backward formula, say): they take
         # another tensor's device there, which the CPU does not show; the first device op claims them.
         self.unplaced = {}
@@ -93,9 +106,8 @@ class Emulator:
 
     # --- marks ----------------------------------------------------------------------------------
     def mark(self, tensor, registry=None):
-        with torch._C.DisableTorchFunction():
-            ref = StorageWeakRef(tensor.untyped_storage())
-        (self.marks if registry is None else registry)[ref.cdata] = ref
+        storage = storage_of(tensor)
+        (self.marks if registry is None else registry)[storage._cdata] = weakref.ref(storage)
 
     def on_device(self, tensor, registry=None):
         registry = self.marks if registry is None else registry
@@ -104,11 +116,12 @@ class Emulator:
         with torch._C.DisableTorchFunction():  # the real device, and no recursion into DevicePlacement
             if tensor.is_meta:
                 return False
-            ref = registry.get(StorageWeakRef(tensor.untyped_storage()).cdata)
+        storage = storage_of(tensor)
+        ref = registry.get(storage._cdata)
         if ref is None:
             return False
-        if ref.expired():  # a freed storage whose address came back for a host tensor
-            del registry[ref.cdata]
+        if ref() is not storage:  # a freed storage whose address came back for another tensor
+            del registry[storage._cdata]
             return False
         return True
 
@@ -290,16 +303,15 @@ class Recorder(TorchDispatchMode):
         if device_op and em.placement != "host":
             with placing(em, "host"):  # the saved copies are the model's bookkeeping, not the step's work
                 for t in inputs:
-                    storage = t.untyped_storage()
-                    key = StorageWeakRef(storage).cdata
-                    if key not in self.graph.seen:
-                        self.graph.seen.add(key)
+                    storage = storage_of(t)
+                    if storage._cdata not in self.graph.seen:
+                        self.graph.seen[storage._cdata] = storage
                         self.graph.overwritten.append((storage, storage.clone()))
         result = func(*args, **kwargs)
         if device_op and em.placement != "host":
             self.graph.recording.append((func, args, kwargs, result))
             for t in tensors_in(result):  # made by the capture: nothing to undo there
-                self.graph.seen.add(StorageWeakRef(t.untyped_storage()).cdata)
+                self.graph.seen[storage_of(t)._cdata] = storage_of(t)
         return result
 
 
@@ -308,7 +320,7 @@ class Graph:
 
     def __init__(self, emulator):
         self.emulator = emulator
-        self.recording, self.overwritten, self.seen = [], [], set()
+        self.recording, self.overwritten, self.seen = [], [], {}  # seen: storages by address, held
         self.replays = 0
         emulator.graphs.append(self)
 
@@ -326,7 +338,7 @@ class Graph:
             with torch.no_grad(), placing(em, "host"):  # a capture runs no kernel: undo what it wrote
                 for storage, saved in self.overwritten:
                     storage.copy_(saved)
-            self.overwritten, self.seen = [], set()
+            self.overwritten, self.seen = [], {}
         for fault in em.faults:
             fault(self)
 
@@ -390,8 +402,8 @@ def emulated_cuda(monkeypatch):
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
              torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled)
     # The emulated GPU computes with PyTorch's native CPU kernels: oneDNN's channels_last convolutions
-    # corrupted the heap here (a crash in their backward, tests later), and sphrun's CPU form never
-    # uses channels_last.
+    # corrupted the heap under this emulation (a crash in their backward, tests later; not seen
+    # without it), and sphrun's CPU form never uses channels_last.
     torch.backends.mkldnn.enabled = False
     try:
         with DevicePlacement(emulator), DeviceTracking(emulator):

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO
 from sphrun.packed import Step
+from test_emulated_gpu import rebinding_batch, rebinding_rate
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import gpu_check  # noqa: E402
@@ -45,22 +46,8 @@ def test_a_diverged_pack_fails(cuda, capsys, tmp_path, monkeypatch):
     assert failures == 1 and "FAIL" in line and "ended diverged, diverged, diverged, expected done" in line
 
 
-def stale_rate(self, it, batch):
-    self.idx.copy_(batch)
-    self.lr = self.rates[min(it - self.config.origin, len(self.rates) - 1)].clone()
-    self.counter.fill_(it)
-    self()
-
-
-def stale_batch(self, it, batch):
-    self.idx = batch
-    self.lr.copy_(self.rates[min(it - self.config.origin, len(self.rates) - 1)])
-    self.counter.fill_(it)
-    self()
-
-
-@pytest.mark.parametrize("bug,name", [(stale_rate, "transition past the capture"),
-                                      (stale_batch, "train single, --device auto")], ids=["rate", "batch"])
+@pytest.mark.parametrize("bug,name", [(rebinding_rate, "transition past the capture"),
+                                      (rebinding_batch, "train single, --device auto")], ids=["rate", "batch"])
 def test_a_graph_replaying_a_stale_input_fails(cuda, capsys, tmp_path, monkeypatch, bug, name):
     monkeypatch.setattr(Step, "take", bug)
     failures, [line] = lines(capsys, [name], tmp_path)

@@ -20,9 +20,10 @@ import time
 import torch
 
 from sphrun.config import TrainConfig
+from sphrun.connect import measure_plane
 from sphrun.lifecycle import prepare, use_device
 from sphrun.metrics import full_batches
-from sphrun.plane import grid, measure_plane, span_plane
+from sphrun.plane import grid, span_plane
 
 
 def seconds_per_point(model, config, data, permutation, plane, at, per_pass, device):

@@ -545,7 +545,7 @@ def connect(
                     out=folder(out, "--out"), device=device, data_dir=folder(data_dir, "--data-dir"),
                     argv=sys.argv, allow_tf32=tf32, other_data=other_data)
         return
-    from sphrun.plane import connect_plane
+    from sphrun.connect import connect_plane
 
     if points is not None:
         raise SphrunError("--points sets the segment between two runs; the plane through three takes --grid")

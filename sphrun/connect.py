@@ -8,11 +8,17 @@ with 1 / radius. Then the BatchNorm running statistics are recomputed on the tra
 either end do not fit the point between, and the metrics are taken: train ones in BN train mode (batch
 statistics, as metrics.csv), test ones in eval mode with the recomputed statistics. Train batches are the
 full batches of the epoch-0 permutation, as metrics.csv's; on CUDA everything runs in full float32 (no
-TF32) unless asked. The plane through three checkpoints (sphrun.plane) measures its points the same way
-(point_metrics), after the same checks of its ends (open_ends).
+TF32) unless asked.
+
+With three checkpoints, the points of a grid over the plane through them (geometry: sphrun.plane) are
+measured the same way (point_metrics), after the same checks of the ends (open_ends). On CUDA the ConvNet
+on the sphere measures POINTS_PER_PASS of them at once, as the members of one packed network
+(sphrun.packed: they share one function space); other models, and the CPU, where a pack runs model by
+model anyway, take one point at a time.
 """
 
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -20,13 +26,17 @@ import torch
 
 from sphrun import SphrunError, __version__
 from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
-from sphrun.models import NORMALIZATIONS, build_model
+from sphrun.models import NORMALIZATIONS, ConvNet, build_model
+from sphrun.packed import pack_models
+from sphrun.plane import grid, span_plane
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import RunDir, cannot_write, check_output_folder, format_value, write_text
 from sphrun.sphere import global_norm, project_
 
 CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err", "gm")
 POINT_COLUMNS = CONNECT_COLUMNS[1:]  # what point_metrics measures, in its order
+PLANE_COLUMNS = ("u", "v", *POINT_COLUMNS)
+POINTS_PER_PASS = 16  # grid points packed together on CUDA: a few GB of activations at width 32, batch 128
 # Settings that fix the function space: runs differing in any of them cannot be interpolated.
 FUNCTION_SPACE = ("model", "sphere", "width", "dataset", "subset", "loss")
 
@@ -263,3 +273,100 @@ def write_figure(out):
     from sphrun.plot import connect_figure
 
     connect_figure([out], os.path.join(out, "connect.png"))
+
+
+def flat_weights(end, names):
+    """An end's trained weights as one flat vector, in the network's parameter order."""
+    return torch.cat([end.checkpoint["model"][name].reshape(-1) for name in names])
+
+
+def points_per_pass(model, sphere, device):
+    """How many grid points one pass measures: a pack of them for the ConvNet on the sphere on CUDA."""
+    return POINTS_PER_PASS if device.type == "cuda" and sphere and isinstance(model, ConvNet) else 1
+
+
+@torch.no_grad()
+def place(pack, weights, radii):
+    """Set the pack's K members to the rows of `weights` (K, n), each rescaled to its radius unless
+    `radii` is None."""
+    sizes = [p[0].numel() for p in pack.params]
+    for p, block in zip(pack.params, weights.split(sizes, dim=1)):
+        p.copy_(block.view_as(p))
+    if radii is not None:
+        project_(pack.params, torch.tensor(radii, device=weights.device), members=pack.form)
+
+
+def measure_plane(model, config, data, permutation, bn_batches, plane, coordinates, radii, per_pass,
+                  progress=lambda done, row: None):
+    """Rows of plane.csv at the points `coordinates`, `per_pass` of them packed at once (a pack of one
+    otherwise). `radii` None: points are not rescaled. progress(points done, row) follows each point."""
+    rows = []
+    for start in range(0, len(coordinates), per_pass):
+        chunk = coordinates[start:start + per_pass]
+        pack = pack_models([model] * len(chunk), config.sphere, data.train_x.device)
+        place(pack, plane.points(chunk, pack.params[0].dtype), None if radii is None else radii[start:start + per_pass])
+        values = point_metrics(pack, pack.params, data, config.loss, config.batch_size, permutation, bn_batches)
+        for k, (u, v) in enumerate(chunk):
+            rows.append({"u": u, "v": v, **{c: column[k] for c, column in zip(POINT_COLUMNS, values)}})
+            progress(len(rows), rows[-1])
+    return rows
+
+
+# --- the plane through three solutions (its geometry: sphrun.plane) -------------------------------------
+def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, project=None, out=None, device="auto",
+                  data_dir=None, argv=(), allow_tf32=False, other_data=False):
+    """Metrics on a grid over the plane through A, B and C; writes OUT/plane.csv, OUT/config.json and the
+    figure, and returns OUT. The options are connect's; `points` per axis, `margin` past the triangle."""
+    from sphrun.lifecycle import restore
+
+    if points < 2:
+        raise SphrunError(f"--grid must be at least 2 (points per axis), got {points}")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise SphrunError(f"--margin must be 0 or more (a fraction of the triangle's extent), got {margin}")
+    ends, project = open_ends(paths, whiches, bn_batches, project, other_data)
+    names = parameter_names(ends[0], trainable=True)
+    plane = span_plane(*(flat_weights(end, names) for end in ends))
+    coordinates = grid(plane, points, margin)
+    radii = [plane.radius(u, v) for u, v in coordinates] if project else None
+    if radii and min(radii) <= 0:
+        raise SphrunError(f"--margin {margin:g} reaches past where the interpolated radius is positive; give "
+                          f"a smaller margin")
+    options = [f"g{points}"] * (points != 21) + [f"m{margin:g}"] * (margin != 0.2)
+    out = out or default_out(ends, options + option_parts(bn_batches, project, allow_tf32))
+    check_output_folder(out, "plane.csv")  # before any work: never over a run's files
+
+    run, config, data, model, params, order, _ = restore(paths[0], whiches[0], device, data_dir, other_data)
+    plane = plane._replace(**{k: getattr(plane, k).to(params[0].device) for k in ("origin", "e_u", "e_v")})
+    permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
+    batches = full_batches(permutation, config.batch_size)
+    bn_used = bn_batches or len(batches)
+    per_pass = points_per_pass(model, config.sphere, params[0].device)
+    message(f"the plane through {', '.join(f'{e.run} at step {e.iter}' for e in ends)}: {points} x {points} "
+            f"points, {min(per_pass, len(coordinates))} per pass")
+    with StepProgress(len(coordinates), label="plane") as bar, tf32(allow_tf32):
+        def progress(done, row):
+            bar.update(done)
+            bar.log(f"u {row['u']:.4g}  v {row['v']:.4g}  " + point_text(row))
+
+        rows = measure_plane(model, config, data, permutation, batches[:bn_used], plane, coordinates, radii,
+                             per_pass, progress)
+
+    lengths = {"ab": plane.b, "ac": math.hypot(*plane.c)}
+    record = {"command": "connect", "kind": "plane",
+              **{key: end_record(end, rho) for key, end, rho in zip("abc", ends, plane.radii)},
+              "basis": {"b": [plane.b, 0.0], "c": list(plane.c), "lengths": lengths, "cos_a": plane.cos_a,
+                        "e_u": "(B - A) / |B - A|", "e_v": "C - A less its part along e_u, normalized"},
+              "grid": points, "margin": margin, "project": project,
+              "radius": "barycentric over the triangle of the ends' radii" if project else None,
+              "bn_batches": bn_used, "tf32": allow_tf32, **data_record(ends[0], config, data, other_data, argv)}
+    write_output(out, "plane.csv", PLANE_COLUMNS, rows, record)
+    write_plane_figure(out)
+    message(f"{out}: the plane through A, B and C (cosine of the angle at A {plane.cos_a:.3f}), train loss "
+            f"{min(r['train_loss'] for r in rows):.4g} to {max(r['train_loss'] for r in rows):.4g}")
+    return out
+
+
+def write_plane_figure(out):
+    from sphrun.plot import plane_figure
+
+    plane_figure(out, os.path.join(out, "plane.png"))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from sphrun.config import TrainConfig
-from sphrun.connect import recompute_bn_statistics
+from sphrun.connect import measure_plane, points_per_pass, recompute_bn_statistics
 from sphrun.curvature import measure
 from sphrun.data import BatchOrder
 from sphrun.lifecycle import Member, load_run_data, prepare
 from sphrun.metrics import eval_metrics, full_batches, train_metrics
-from sphrun.plane import measure_plane, points_per_pass, span_plane
+from sphrun.plane import span_plane
 from sphrun.rundir import RunDir
 from sphrun.train import pack_members
 

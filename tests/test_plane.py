@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from sphrun.config import TrainConfig
-from sphrun.connect import load_end, parameter_names
+from sphrun.connect import flat_weights, load_end, measure_plane, parameter_names
 from sphrun.lifecycle import restore
 from sphrun.metrics import full_batches
-from sphrun.plane import Plane, flat_weights, grid, measure_plane, span_plane
+from sphrun.plane import Plane, grid, span_plane
 from sphrun.train import train
 
 from conftest import TINY

@@ -35,6 +35,7 @@ import contextlib
 import io
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,14 +305,11 @@ def connect_and_curvature(c, tf32):
               c.path(f"connect-{name}", where.replace(":", "")))
     ours, theirs = (read_csv(c.path(f"connect-{name}", w.replace(":", ""), "connect.csv")) for w in (c.device, "cpu"))
     for a, b in zip(ours, theirs):
-        far = [f"{k} {a[k]:.6g} vs {b[k]:.6g}" for k in CONNECT_COLUMNS if not close(a[k], b[k], tolerance)]
-        if far:
-            c.problems.append(f"connect {name} at alpha {a['alpha']}: {'; '.join(far)}")
+        compare_point(c, f"connect {name} at alpha {a['alpha']}", a, b, tolerance)
     measured = {}
     for where in (c.device, "cpu"):
         run = c.path(f"curvature-{name}-{where.replace(':', '')}")
         if not os.path.exists(run):
-            import shutil
             shutil.copytree(parent, run)
         c.run("curvature", run, "--at", "last", "--probes", "2", "--lanczos", "5", "--batches", "4", *flag,
               "--device", where)
@@ -336,14 +334,11 @@ def plane_and_density(c):
               c.path("plane", where.replace(":", "")))
     ours, theirs = (read_csv(c.path("plane", w.replace(":", ""), "plane.csv")) for w in (c.device, "cpu"))
     for a, b in zip(ours, theirs):
-        far = [f"{k} {a[k]:.6g} vs {b[k]:.6g}" for k in CONNECT_COLUMNS if not close(a[k], b[k], 1e-3)]
-        if far:
-            c.problems.append(f"plane at u {a['u']:.4g}, v {a['v']:.4g}: {'; '.join(far)}")
+        compare_point(c, f"plane at u {a['u']:.4g}, v {a['v']:.4g}", a, b, 1e-3)
     summaries = {}
     for where in (c.device, "cpu"):
         run = c.path(f"density-{where.replace(':', '')}")
         if not os.path.exists(run):
-            import shutil
             shutil.copytree(ends[0], run)
         c.run("curvature", run, "--at", "last", "--measures", "hessian-density", "--probes", "2", "--lanczos",
               "5", "--batches", "4", "--device", where)
@@ -355,6 +350,14 @@ def plane_and_density(c):
     for k, v in summaries["cpu"].items():
         if not close(summaries[c.device][k], v, 1e-3):
             c.problems.append(f"hessian-density: {k} {summaries[c.device][k]:.6g} vs {v:.6g} on the CPU")
+
+
+def compare_point(c, where, ours, theirs, tolerance):
+    """A problem naming the measures of a connect point (segment or plane) off the CPU's by more than
+    `tolerance`."""
+    far = [f"{k} {ours[k]:.6g} vs {theirs[k]:.6g}" for k in CONNECT_COLUMNS if not close(ours[k], theirs[k], tolerance)]
+    if far:
+        c.problems.append(f"{where}: {'; '.join(far)}")
 
 
 def read_csv(path):

@@ -320,7 +320,7 @@ def connect_and_curvature(c, tf32):
 
 
 def plane_and_density(c):
-    """The plane through three runs (its points packed on the GPU, one at a time on the CPU) and
+    """The plane through three runs (its points packed, 16 at a time on the GPU, 4 on the CPU) and
     hessian-density on the device against the CPU, in full float32."""
     ends = [c.path("single", "cpu"), c.path("single", "cpu-ft"), c.path("single", "cpu-ft2")]
     if not RunDir(ends[0]).exists():

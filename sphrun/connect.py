@@ -13,8 +13,7 @@ TF32) unless asked.
 With three checkpoints, the points of a grid over the plane through them (geometry: sphrun.plane) are
 measured the same way (point_metrics), after the same checks of the ends (open_ends). On CUDA the ConvNet
 on the sphere measures POINTS_PER_PASS of them at once, as the members of one packed network
-(sphrun.packed: they share one function space); other models, and the CPU, where a pack runs model by
-model anyway, take one point at a time.
+(sphrun.packed: they share one function space); other models take one point at a time.
 """
 
 import json
@@ -36,7 +35,10 @@ from sphrun.sphere import global_norm, project_
 CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err", "gm")
 POINT_COLUMNS = CONNECT_COLUMNS[1:]  # what point_metrics measures, in its order
 PLANE_COLUMNS = ("u", "v", *POINT_COLUMNS)
-POINTS_PER_PASS = 16  # grid points packed together on CUDA: a few GB of activations at width 32, batch 128
+# Grid points packed together, by device type. CUDA: 16, a few GB of activations at width 32, batch 128.
+# CPU: a pack runs its members one after the other, yet 4 at once took 1.2x less time per point than one at
+# a time (benchmarks/plane_points.py, width 32, 2 cores, two runs), with 4x the activations of one point.
+POINTS_PER_PASS = {"cuda": 16, "cpu": 4}
 # Settings that fix the function space: runs differing in any of them cannot be interpolated.
 FUNCTION_SPACE = ("model", "sphere", "width", "dataset", "subset", "loss")
 
@@ -281,8 +283,10 @@ def flat_weights(end, names):
 
 
 def points_per_pass(model, sphere, device):
-    """How many grid points one pass measures: a pack of them for the ConvNet on the sphere on CUDA."""
-    return POINTS_PER_PASS if device.type == "cuda" and sphere and isinstance(model, ConvNet) else 1
+    """How many grid points one pass measures: a pack of them for the ConvNet on the sphere."""
+    if not (sphere and isinstance(model, ConvNet)):
+        return 1
+    return POINTS_PER_PASS.get(device.type, 1)
 
 
 @torch.no_grad()

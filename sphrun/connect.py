@@ -277,6 +277,7 @@ def write_figure(out):
     connect_figure([out], os.path.join(out, "connect.png"))
 
 
+# --- the plane through three solutions (its geometry: sphrun.plane) -------------------------------------
 def flat_weights(end, names):
     """An end's trained weights as one flat vector, in the network's parameter order."""
     return torch.cat([end.checkpoint["model"][name].reshape(-1) for name in names])
@@ -316,7 +317,6 @@ def measure_plane(model, config, data, permutation, bn_batches, plane, coordinat
     return rows
 
 
-# --- the plane through three solutions (its geometry: sphrun.plane) -------------------------------------
 def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, project=None, out=None, device="auto",
                   data_dir=None, argv=(), allow_tf32=False, other_data=False):
     """Metrics on a grid over the plane through A, B and C; writes OUT/plane.csv, OUT/config.json and the

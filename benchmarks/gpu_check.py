@@ -19,7 +19,7 @@
 - it covers --device auto, packs, random, geodesic and ascent steps, mse, a fine-tune whose transition
   runs past the capture, ELRs x seeds x data seeds with --pack, a member that diverges after the
   capture, VGG-16-BN and ResNet-18 in bf16, kill -9 and resume, connect and curvature in full float32
-  and with --tf32, and plot.
+  and with --tf32, the plane through three runs (its points packed) and hessian-density, and plot.
 (b) A throughput table measured in this process: the reference-style loop (a per-item DataLoader,
 .item() every step), a torch.func.vmap ensemble of 16 ConvNets (PyTorch's model-ensembling recipe),
 sphrun single and packed K = 16 in fp32 and bf16; ConvNet width 32, batch 128, the built-in CIFAR-shaped
@@ -35,6 +35,7 @@ import contextlib
 import io
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,14 +305,11 @@ def connect_and_curvature(c, tf32):
               c.path(f"connect-{name}", where.replace(":", "")))
     ours, theirs = (read_csv(c.path(f"connect-{name}", w.replace(":", ""), "connect.csv")) for w in (c.device, "cpu"))
     for a, b in zip(ours, theirs):
-        far = [f"{k} {a[k]:.6g} vs {b[k]:.6g}" for k in CONNECT_COLUMNS if not close(a[k], b[k], tolerance)]
-        if far:
-            c.problems.append(f"connect {name} at alpha {a['alpha']}: {'; '.join(far)}")
+        compare_point(c, f"connect {name} at alpha {a['alpha']}", a, b, tolerance)
     measured = {}
     for where in (c.device, "cpu"):
         run = c.path(f"curvature-{name}-{where.replace(':', '')}")
         if not os.path.exists(run):
-            import shutil
             shutil.copytree(parent, run)
         c.run("curvature", run, "--at", "last", "--probes", "2", "--lanczos", "5", "--batches", "4", *flag,
               "--device", where)
@@ -319,6 +317,47 @@ def connect_and_curvature(c, tf32):
     for k, v in measured["cpu"].items():
         if not close(measured[c.device][k], v, tolerance):
             c.problems.append(f"curvature {name}: {k} {measured[c.device][k]:.6g} vs {v:.6g} on the CPU")
+
+
+def plane_and_density(c):
+    """The plane through three runs (its points packed, 16 at a time on the GPU, 4 on the CPU) and
+    hessian-density on the device against the CPU, in full float32."""
+    ends = [c.path("single", "cpu"), c.path("single", "cpu-ft"), c.path("single", "cpu-ft2")]
+    if not RunDir(ends[0]).exists():
+        c.run("train", "--elr", "1e-4", *SMALL, *SHORT, "--device", "cpu", "--out", ends[0])
+    for end, elr in zip(ends[1:], ("1e-3", "3e-3")):
+        if not RunDir(end).exists():
+            c.run("finetune", ends[0], "--elr", elr, "--iters", "10", "--eval-every", "10", "--device", "cpu",
+                  "--out", end)
+    for where in (c.device, "cpu"):
+        c.run("connect", *ends, "--grid", "3", "--bn-batches", "4", "--device", where, "--out",
+              c.path("plane", where.replace(":", "")))
+    ours, theirs = (read_csv(c.path("plane", w.replace(":", ""), "plane.csv")) for w in (c.device, "cpu"))
+    for a, b in zip(ours, theirs):
+        compare_point(c, f"plane at u {a['u']:.4g}, v {a['v']:.4g}", a, b, 1e-3)
+    summaries = {}
+    for where in (c.device, "cpu"):
+        run = c.path(f"density-{where.replace(':', '')}")
+        if not os.path.exists(run):
+            shutil.copytree(ends[0], run)
+        c.run("curvature", run, "--at", "last", "--measures", "hessian-density", "--probes", "2", "--lanczos",
+              "5", "--batches", "4", "--device", where)
+        rows = read_csv(os.path.join(run, "hessian-density.csv"))
+        e, d = np.array([r["eigenvalue"] for r in rows]), np.array([r["density"] for r in rows])
+        integral = lambda f: float(np.sum((f[1:] + f[:-1]) / 2 * np.diff(e)))  # the trapezoid rule
+        # the grid's ends (5 widths past the outermost Ritz values), its mass and mean eigenvalue
+        summaries[where] = {"lowest": e[0], "highest": e[-1], "mass": integral(d), "mean": integral(e * d)}
+    for k, v in summaries["cpu"].items():
+        if not close(summaries[c.device][k], v, 1e-3):
+            c.problems.append(f"hessian-density: {k} {summaries[c.device][k]:.6g} vs {v:.6g} on the CPU")
+
+
+def compare_point(c, where, ours, theirs, tolerance):
+    """A problem naming the measures of a connect point (segment or plane) off the CPU's by more than
+    `tolerance`."""
+    far = [f"{k} {ours[k]:.6g} vs {theirs[k]:.6g}" for k in CONNECT_COLUMNS if not close(ours[k], theirs[k], tolerance)]
+    if far:
+        c.problems.append(f"{where}: {'; '.join(far)}")
 
 
 def read_csv(path):
@@ -347,6 +386,7 @@ CHECKS = {
     "kill -9 and resume": kill_and_resume,
     "connect, curvature fp32": lambda c: connect_and_curvature(c, tf32=False),
     "connect, curvature --tf32": lambda c: connect_and_curvature(c, tf32=True),
+    "plane, hessian-density fp32": plane_and_density,
     "plot": plots,
 }
 

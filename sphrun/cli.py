@@ -23,8 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 class Command(typer.core.TyperCommand):
-    """Arguments go by their metavar alone, as in the README: `sphrun finetune [OPTIONS] RUN` (recent
-    Typer writes {RUN} in the usage line and `RUN <str>` in the list of arguments)."""
+    """Arguments go by their metavar alone, as in the README: `sphrun finetune [OPTIONS] RUN`, an optional
+    one in brackets (recent Typer writes {RUN} in the usage line and `RUN <str>` in the list of arguments)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -36,7 +36,8 @@ class Command(typer.core.TyperCommand):
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name == "argument":  # every argument has a metavar
-                pieces.append(param.metavar + ("..." if param.nargs != 1 else ""))
+                piece = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(piece if param.required else f"[{piece}]")
         return pieces
 
 
@@ -407,13 +408,16 @@ def plot(
     paths: list[str] = typer.Argument(
         ..., metavar="RUN_OR_DIR",
         help="Run directories, or folders searched for every run below them (connect outputs for --kind "
-             "connect)."),
+             "connect, a plane output for --kind plane)."),
     kind: str = typer.Option(
         "phase", metavar="KIND",
         help="phase: (train loss, GM) trajectories coloured by ELR; metrics: final metrics against ELR with "
              "the phases, plus a phase table; cosine: cosines between neighbouring checkpoints per ELR; "
              "connect: metrics against alpha of sphrun connect outputs; curvature: the phase diagram with a "
-             "curvature.csv measure; projection: the projection error 1 - r against ELR."),
+             "curvature.csv measure; projection: the projection error 1 - r against ELR; plane: filled "
+             "contours over the plane of a `sphrun connect A B C` output (train loss and test error, or "
+             "--y); spectrum: the Hessian's eigenvalue density (hessian-density.csv) on a log axis, of "
+             "several runs at their last measured step coloured by ELR, or of one run at each step."),
     out: Optional[str] = typer.Option(
         None, metavar="FILE",
         help="Figure file, .png, .svg or .pdf. (default: <kind>.png in the folder of the runs, "
@@ -424,8 +428,9 @@ def plot(
              "train_loss)"),
     y: Optional[str] = typer.Option(
         None, metavar="COLUMN",
-        help="phase and curvature kinds: the y column. (default: gm; for curvature the first measure in "
-             "curvature.csv)"),
+        help="phase and curvature kinds: the y column; plane: the one column of plane.csv drawn (train_loss, "
+             "train_err, test_loss, test_err or gm). (default: gm; for curvature the first measure in "
+             "curvature.csv; for plane train_loss and test_err, one panel each)"),
     aggregate: bool = typer.Option(
         True, "--aggregate/--no-aggregate",
         help="Runs that differ only in their seeds (--seed, --data-seed) form one group: metrics draws the mean "
@@ -464,38 +469,53 @@ def plot(
     message(f"wrote {draw(paths, kind, out=out, x=x, y=y, aggregate=aggregate)}")
 
 
-@app.command(cls=Command, short_help="Metrics along the straight line between two checkpoints.")
+@app.command(cls=Command, short_help="Metrics along the line between two checkpoints, or over the plane of three.")
 def connect(
-    run_a: str = typer.Argument(..., metavar="RUN_A", help="Run directory of end A (alpha = 0)."),
+    run_a: str = typer.Argument(..., metavar="RUN_A", help="Run directory of end A (alpha = 0; the plane's origin)."),
     run_b: str = typer.Argument(..., metavar="RUN_B", help="Run directory of end B (alpha = 1)."),
+    run_c: Optional[str] = typer.Argument(
+        None, metavar="RUN_C",
+        help="Run directory of a third end C: the plane through A, B and C instead of the segment."),
     from_a: str = typer.Option("last", metavar="STEP", help="A's checkpoint: last, or the step of one."),
     from_b: str = typer.Option("last", metavar="STEP", help="B's checkpoint: last, or the step of one."),
-    points: int = typer.Option(
-        21, metavar="N", help="Number of alphas, evenly spaced in [0, 1], ends included (>= 2)."),
+    from_c: str = typer.Option("last", metavar="STEP", help="C's checkpoint: last, or the step of one."),
+    points: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Segment: number of alphas, evenly spaced in [0, 1], ends included (>= 2). (default: 21)"),
+    grid: Optional[int] = typer.Option(
+        None, metavar="N",
+        help="Plane: grid points per axis (>= 2), N x N points in all, each a BatchNorm recomputation and "
+             "an evaluation. (default: 21)"),
+    margin: Optional[float] = typer.Option(
+        None, metavar="FRACTION",
+        help="Plane: how far the grid reaches past the triangle ABC on each side, as a fraction of the "
+             "triangle's extent along that axis (>= 0). (default: 0.2)"),
     bn_batches: Optional[int] = typer.Option(
         None, metavar="N",
         help="Full train batches (of A's batch size) over which each point's BatchNorm running statistics "
              "are recomputed, as a plain average. (default: all)"),
     project: Optional[bool] = typer.Option(
         None, "--project/--no-project",
-        help="Rescale each point to the sphere, radius (1 - alpha) rho_A + alpha rho_B (the runs' radius). "
-             "Only GM depends on it. (default: on for runs on the sphere; runs trained off it (--no-sphere) "
-             "are never rescaled)"),
+        help="Rescale each point to the sphere, radius (1 - alpha) rho_A + alpha rho_B (the runs' radius; on "
+             "the plane the ends' radii interpolated by the point's barycentric coordinates). Only GM depends "
+             "on it. (default: on for runs on the sphere; runs trained off it (--no-sphere) are never "
+             "rescaled)"),
     data_dir: Optional[str] = typer.Option(
         None, metavar="DIR", help="Where A's data set is. (default: A's --data-dir)"),
     device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
     other_data: bool = typer.Option(
         False, "--other-data",
-        help="Go on when the data set found (--data-dir) is not the one A was trained on, or B was trained "
-             "on other data than A: recorded in config.json. (default: refused)"),
+        help="Go on when the data set found (--data-dir) is not the one A was trained on, or B (or C) was "
+             "trained on other data than A: recorded in config.json. (default: refused)"),
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
         help="Output folder, a folder of its own: never a run directory, inside one, or a folder of runs. "
-             "(default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32])"),
+             "(default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32], and for a "
+             "plane connect/<A>@<step>--<B>@<step>--<C>@<step>[-g<grid>][-m<margin>][-bn<N>][-noproj][-tf32])"),
     tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
 ):
     """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (docs/science.md,
-    Linear mode connectivity).
+    Linear mode connectivity); with three runs, over the plane through them.
 
     At each point BatchNorm statistics are recomputed on the train set, then train loss/error and GM
     are measured in BN train mode (batch statistics, as metrics.csv) and test loss/error in eval mode.
@@ -505,16 +525,39 @@ def connect(
     OUT/config.json (both ends, settings, and the barrier: the largest rise of an inner point above the
     straight line between the ends, for train loss and test error) and OUT/connect.png. The runs must be
     one function space (model, width, data, loss, frozen last layer); their seeds and ELRs may differ.
+
+    Three runs (Garipov et al. 2018): the plane with origin A and the orthonormal basis e_u = (B - A) /
+    |B - A|, e_v = the rest of C - A, normalized; the point (u, v) is theta_A + u e_u + v e_v (u, v in
+    units of the weights' norm), rescaled to the ends' radii interpolated by its barycentric coordinates.
+    A --grid N x N grid over the triangle, widened by --margin, writes OUT/plane.csv
+    (u,v,train_loss,train_err,test_loss,test_err,gm), OUT/config.json (the three ends, where B and C lie,
+    the basis lengths, the cosine of the angle at A, the options) and OUT/plane.png (filled contours of
+    train loss on log levels and of test error). Collinear ends are refused.
     """
     from sphrun.connect import connect as run_connect, parse_which
 
-    run_connect(run_a, run_b, parse_which(from_a, "--from-a"), parse_which(from_b, "--from-b"), points=points,
-                bn_batches=bn_batches, project=project, out=folder(out, "--out"),
-                device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv, allow_tf32=tf32,
-                other_data=other_data)
+    if run_c is None:
+        if grid is not None or margin is not None or from_c != "last":
+            raise SphrunError("--grid, --margin and --from-c set the plane through three runs: give RUN_C (or "
+                              "--points for the segment)")
+        run_connect(run_a, run_b, parse_which(from_a, "--from-a"), parse_which(from_b, "--from-b"),
+                    points=21 if points is None else points, bn_batches=bn_batches, project=project,
+                    out=folder(out, "--out"), device=device, data_dir=folder(data_dir, "--data-dir"),
+                    argv=sys.argv, allow_tf32=tf32, other_data=other_data)
+        return
+    from sphrun.connect import connect_plane
+
+    if points is not None:
+        raise SphrunError("--points sets the segment between two runs; the plane through three takes --grid")
+    whiches = [parse_which(text, option) for text, option in ((from_a, "--from-a"), (from_b, "--from-b"),
+                                                               (from_c, "--from-c"))]
+    connect_plane([run_a, run_b, run_c], whiches, points=21 if grid is None else grid,
+                  margin=0.2 if margin is None else margin, bn_batches=bn_batches, project=project,
+                  out=folder(out, "--out"), device=device, data_dir=folder(data_dir, "--data-dir"), argv=sys.argv,
+                  allow_tf32=tf32, other_data=other_data)
 
 
-@app.command(cls=Command, short_help="Gradient norm, Fisher and Hessian traces, top Hessian eigenvalue.")
+@app.command(cls=Command, short_help="Gradient norm, Fisher and Hessian traces, Hessian eigenvalues and density.")
 def curvature(
     run: str = typer.Argument(..., metavar="RUN", help="Run directory."),
     at: str = typer.Option(
@@ -526,12 +569,27 @@ def curvature(
              "the Hessian of the loss in the logits: diag(p) - p p^T per image for ce, 2/C I for mse; the "
              "Fisher for these losses); hessian-trace (trace of the Hessian of the train loss); hessian-eig "
              "(the largest eigenvalue of that Hessian: the top Ritz value of --lanczos Lanczos steps, which "
-             "approaches it from below). Matrices are over all SI parameters and traces are totals over "
-             "them, not per parameter."),
+             "approaches it from below); hessian-density (the density of that Hessian's eigenvalues by "
+             "stochastic Lanczos quadrature: --probes Lanczos runs of --lanczos steps from Rademacher "
+             "starts, their Ritz values weighted by the squared first components of the tridiagonal "
+             "matrix's eigenvectors, averaged, and smoothed by --sigma; written to RUN/hessian-density.csv "
+             "as iter,eigenvalue,density, in 1/eigenvalue units, integrating to 1; asked for by name, not "
+             "in the default). Matrices are over all SI parameters and traces are totals over them, not "
+             "per parameter."),
     probes: int = typer.Option(
-        5, metavar="N", help="Rademacher probe vectors per batch of the Hutchinson traces."),
+        5, metavar="N",
+        help="Rademacher probe vectors per batch of the Hutchinson traces; Lanczos runs (random starts) of "
+             "hessian-density."),
     lanczos: int = typer.Option(
-        10, metavar="N", help="Lanczos steps (Hessian-vector products over all batches) of hessian-eig."),
+        10, metavar="N",
+        help="Lanczos steps (Hessian-vector products over all batches) of hessian-eig, and of each run of "
+             "hessian-density."),
+    sigma: float = typer.Option(
+        0.01, metavar="S",
+        help="hessian-density: the standard deviation of the Gaussian that smooths each Ritz value, as a "
+             "fraction of the spread of the Ritz values (largest minus smallest over all probes), from "
+             "0.001 to 1; the curve is sampled every fifth of that width, out to 5 widths past the outermost "
+             "Ritz values (5 / S + 51 points per step)."),
     batches: Optional[int] = typer.Option(
         None, metavar="N",
         help="Measure over the first N full train batches of the run's batch size, those of metrics.csv; at "
@@ -560,17 +618,19 @@ def curvature(
     The loss is the mean of the batch losses L_b over the run's full train batches (those of
     metrics.csv: the n mod batch-size leftover images are left out), BatchNorm in train mode by
     default; BatchNorm buffers are left as found. Adds one row per step to RUN/curvature.csv (iter plus
-    one column per measure); steps and measures already there are skipped unless --recompute. The
+    one column per measure), and hessian-density's curve (one row per eigenvalue of its grid) to
+    RUN/hessian-density.csv; steps and measures already there are skipped unless --recompute. The
     settings used are kept in RUN/curvature.json, and values of other settings are never mixed in.
     Several processes may measure one run at once: each value is merged into the files as written.
-    Cost per checkpoint in passes over the batches: gm 1, each trace --probes, hessian-eig --lanczos.
+    Cost per checkpoint in passes over the batches: gm 1, each trace --probes, hessian-eig --lanczos,
+    hessian-density --probes x --lanczos.
     """
     from sphrun.curvature import run_curvature
 
     run_curvature(run, at, measures, probes=probes, lanczos=lanczos,
                   batches=at_least(batches, "--batches"), bn_mode=bn_mode, recompute=recompute,
                   seed=seed, device=device, data_dir=folder(data_dir, "--data-dir"), allow_tf32=tf32,
-                  other_data=other_data)
+                  other_data=other_data, sigma=sigma)
 
 
 def main():

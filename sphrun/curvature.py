@@ -7,6 +7,7 @@ weighted sum over batches:
 
     hessian-trace  tr H,  H = d^2 L / d theta^2                 Hutchinson, Rademacher probes in theta space
     hessian-eig    the largest (algebraic) eigenvalue of H      Lanczos with full reorthogonalization
+    hessian-density  the density of H's eigenvalues             stochastic Lanczos quadrature, Rademacher starts
     fisher-trace   tr F,  F = sum_b w_b J_b^T Q_b J_b           Hutchinson, Rademacher probes in output space
 
 J_b is the Jacobian of the batch's logits with respect to theta and Q_b the Hessian of the batch loss
@@ -20,13 +21,24 @@ the batches' errors are independent and average out (with one probe shared by al
 add up, batch Hessians being alike), at the same cost. They are drawn on the device from counters
 (sphrun.noise), so a measure makes no host sync per batch.
 
+The density (Ghorbani, Krishnan and Xiao 2019, "An investigation into neural net optimization via
+Hessian eigenvalue density"; PyHessian's `density`): Lanczos from a probe z gives the Gauss quadrature
+of the spectral measure of H seen from z / |z|, sum_i (q_i . z)^2 / |z|^2 delta(lambda - lambda_i): its
+nodes are the Ritz values and its weights the squared first components of the eigenvectors of the
+tridiagonal matrix. For a Rademacher z the measure's mean is the eigenvalue density (1/n) sum_i
+delta(lambda - lambda_i), so the mean over probes of the quadratures, each node widened into a Gaussian,
+estimates it. The width is a fraction `sigma` of the spread of the Ritz values, so the curve's shape does
+not depend on the loss's scale.
+
 On CUDA the measures run in full float32 (TF32 off) unless asked: TF32's 10-bit mantissa is noise in
 Hessian-vector products and Lanczos.
 """
 
 import csv
 import json
+import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +47,14 @@ from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, t
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import CannotWrite, RunDir, format_value, remove_temporaries, write_text
 
-MEASURES = ("gm", "fisher-trace", "hessian-trace", "hessian-eig")
+MEASURES = ("gm", "fisher-trace", "hessian-trace", "hessian-eig", "hessian-density")
+DEFAULT_MEASURES = MEASURES[:4]  # the density costs --probes times hessian-eig: asked for by name
+CURVES = ("hessian-density",)  # measures whose value is a curve, kept in RUN/<measure>.csv, not curvature.csv
+SCALARS = tuple(m for m in MEASURES if m not in CURVES)
+DENSITY_COLUMNS = ("iter", "eigenvalue", "density")
+DENSITY_PAD = 5  # Gaussian widths beyond the outermost Ritz values: the mass left outside is under 1e-6
+SAMPLES_PER_WIDTH = 5  # grid points per Gaussian width: the trapezoid integral is then exact to 1e-9
+SIGMA_RANGE = (1e-3, 1.0)  # finer than 0.1 % of the spread would take over 5,000 rows per checkpoint
 
 
 def flat(tensors):
@@ -127,12 +146,12 @@ def hessian_vector_product(model, params, x, y, loss, batches, vector, advance=l
     return out
 
 
-def lanczos_top_eigenvalue(matvec, start, steps):
-    """The largest eigenvalue of the Ritz matrix after `steps` Lanczos steps from `start`.
+def lanczos_tridiagonal(matvec, start, steps):
+    """The tridiagonal matrix (float64, at most steps x steps) of `steps` Lanczos steps from `start`.
 
     Full reorthogonalization (twice, which is enough) keeps the basis orthogonal in floating point, so
-    no ghost copies appear; the tridiagonal eigenproblem is solved in float64. Stops early when the
-    Krylov space is invariant (then the Ritz values are exact).
+    no ghost copies appear; the tridiagonal matrix is built in float64. Stops early when the Krylov space
+    is invariant (then its eigenvalues are exact).
     """
     basis = start[None] / torch.linalg.vector_norm(start)
     alphas, betas = [], []
@@ -149,13 +168,58 @@ def lanczos_top_eigenvalue(matvec, start, steps):
         betas.append(beta)
         basis = torch.cat([basis, (w / beta)[None]])
     off = torch.tensor(betas, dtype=torch.float64)
-    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigvalsh(tridiagonal).max().item()
+    return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
+
+
+def lanczos_top_eigenvalue(matvec, start, steps):
+    """The largest eigenvalue of the Ritz matrix after `steps` Lanczos steps from `start`: it approaches
+    the matrix's largest eigenvalue from below."""
+    return torch.linalg.eigvalsh(lanczos_tridiagonal(matvec, start, steps)).max().item()
+
+
+def ritz_spectrum(matvec, start, steps):
+    """(Ritz values, weights), float64: the eigenvalues of the Lanczos tridiagonal matrix and the squared
+    first components of its eigenvectors, the Gauss quadrature of the spectral measure seen from
+    start / |start| (Golub and Meurant). The weights sum to 1."""
+    values, vectors = torch.linalg.eigh(lanczos_tridiagonal(matvec, start, steps))
+    return values, vectors[0] ** 2
+
+
+class Density(NamedTuple):
+    """A spectral density sampled on a grid: eigenvalues (ascending) and the density at each, floats."""
+    eigenvalues: list
+    density: list
+
+
+def smoothed_density(spectra, sigma):
+    """The mean over probes of their quadratures [(Ritz values, weights)], each node a Gaussian of standard
+    deviation sigma * (the spread of all Ritz values), on a grid reaching DENSITY_PAD widths past the
+    outermost ones: a density in 1 / (eigenvalue unit) that integrates to 1."""
+    values = torch.cat([v for v, _ in spectra])
+    weights = torch.cat([w for _, w in spectra]) / len(spectra)
+    low, high = values.min().item(), values.max().item()
+    spread = (high - low) or abs(high) or 1.0  # one node alone: widen it relative to its size
+    width = sigma * spread
+    reach = high - low + 2 * DENSITY_PAD * width
+    points = math.ceil(reach / width * SAMPLES_PER_WIDTH) + 1
+    grid = torch.linspace(low - DENSITY_PAD * width, high + DENSITY_PAD * width, points, dtype=torch.float64)
+    z = (grid[:, None] - values[None]) / width
+    density = (weights * torch.exp(-z ** 2 / 2)).sum(1) / (width * math.sqrt(2 * math.pi))
+    return Density(grid.tolist(), density.tolist())
+
+
+def describe(value):
+    """A measured value in a line: a number, or the range and size of a density's grid."""
+    if isinstance(value, Density):
+        return (f"density over eigenvalues {value.eigenvalues[0]:.4g} to {value.eigenvalues[-1]:.4g} "
+                f"({len(value.eigenvalues)} points)")
+    return f"{value:.9g}"
 
 
 def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, lanczos=10, bn_mode="train",
-            seed=0, it=0, advance=lambda: None):
-    """{measure: value} at the model's current weights over the full batches of `order` (full_batches).
+            seed=0, it=0, advance=lambda: None, sigma=0.01):
+    """{measure: value} at the model's current weights over the full batches of `order` (full_batches);
+    hessian-density's value is a Density (`probes` Lanczos runs of `lanczos` steps, smoothed by `sigma`).
 
     BatchNorm buffers and mode are left as found. gm is the mean mini-batch gradient norm in BN train
     mode, as in metrics.csv, whatever `bn_mode`.
@@ -175,16 +239,21 @@ def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, la
         if "hessian-trace" in measures:
             values["hessian-trace"] = hessian_trace(model, params, x, y, loss, batches, probes,
                                                     probes_for("hessian-trace"), advance)
+        matvec = lambda v: hessian_vector_product(model, params, x, y, loss, batches, v, advance)
+        like = flat([p.detach() for p in params]) if {"hessian-eig", "hessian-density"} & set(measures) else None
         if "hessian-eig" in measures:
-            start = probes_for("hessian-eig")(0, flat([p.detach() for p in params]))
-            matvec = lambda v: hessian_vector_product(model, params, x, y, loss, batches, v, advance)
-            values["hessian-eig"] = lanczos_top_eigenvalue(matvec, start, lanczos)
+            values["hessian-eig"] = lanczos_top_eigenvalue(matvec, probes_for("hessian-eig")(0, like), lanczos)
+        if "hessian-density" in measures:
+            start = probes_for("hessian-density")
+            spectra = [ritz_spectrum(matvec, start(k, like), lanczos) for k in range(probes)]
+            values["hessian-density"] = smoothed_density(spectra, sigma)
     return values
 
 
 def cost_units(measures, num_batches, probes, lanczos):
     """Batch passes that `measure` makes (the progress bar's unit)."""
-    per = {"gm": 1, "fisher-trace": probes, "hessian-trace": probes, "hessian-eig": lanczos}
+    per = {"gm": 1, "fisher-trace": probes, "hessian-trace": probes, "hessian-eig": lanczos,
+           "hessian-density": probes * lanczos}
     return num_batches * sum(per[m] for m in measures)
 
 
@@ -215,18 +284,21 @@ def parse_at(text):
 DEPENDS_ON = {"gm": ("batches", "tf32"),
               "fisher-trace": ("batches", "probes", "bn_mode", "seed", "generator", "tf32"),
               "hessian-trace": ("batches", "probes", "bn_mode", "seed", "generator", "tf32"),
-              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed", "generator", "tf32")}
+              "hessian-eig": ("batches", "lanczos", "bn_mode", "seed", "generator", "tf32"),
+              "hessian-density": ("batches", "probes", "lanczos", "sigma", "bn_mode", "seed", "generator", "tf32")}
 
 
 class CurvatureFile:
-    """RUN/curvature.csv (iter plus one column per measure, empty where not measured) and beside it
-    RUN/curvature.json, the options each column was measured with. Several processes may measure one
-    run: each value is merged into the files as they are then, under a lock held for the write only."""
+    """RUN/curvature.csv (iter plus one column per scalar measure, empty where not measured), beside it
+    RUN/hessian-density.csv (iter, eigenvalue, density: one curve per step) and RUN/curvature.json, the
+    options each measure was measured with. Several processes may measure one run: each value is merged
+    into the files as they are then, under a lock held for the write only."""
 
     def __init__(self, run):
         self.run = run
         self.csv_path = os.path.join(run.path, "curvature.csv")
         self.json_path = os.path.join(run.path, "curvature.json")
+        self.density_path = os.path.join(run.path, "hessian-density.csv")
 
     def has(self, it, measure, options):
         """Whether step `it` has `measure` measured with `options` (by another process, perhaps)."""
@@ -237,20 +309,23 @@ class CurvatureFile:
         """Merge one value, measured with `options`, into the files as they are now. A column of `measure`
         measured with other options meanwhile is replaced when `replace` (--recompute), else refused."""
         with self.run.lock(".curvature.lock", wait=True):
-            remove_temporaries(self.run.path, ("curvature.csv", "curvature.json"))  # dead writers'
+            remove_temporaries(self.run.path, ("curvature.csv", "curvature.json", "hessian-density.csv"))
             rows, stored = self.read()
             if any(measure in values for values in rows.values()) and stored.get(measure) != options:
                 if not replace:
-                    raise SphrunError(f"{self.csv_path} got {measure} measured with other options by "
-                                      f"another process meanwhile: the value {value:.9g} at step {it} was "
-                                      f"not written; pass --recompute to replace that column")
+                    raise SphrunError(f"{self.path_of(measure)} got {measure} measured with other options by "
+                                      f"another process meanwhile: the value ({describe(value)}) at step {it} "
+                                      f"was not written; pass --recompute to replace that column")
                 for values in rows.values():
                     values.pop(measure, None)
             rows.setdefault(it, {})[measure] = value
             self.write(rows, {**stored, measure: options})
 
+    def path_of(self, measure):
+        return self.density_path if measure in CURVES else self.csv_path
+
     def read(self):
-        """({iter: {measure: value}}, {measure: options})."""
+        """({iter: {measure: value}}, {measure: options}); a density's value is a Density."""
         options = {}
         if os.path.exists(self.json_path):
             try:
@@ -260,40 +335,78 @@ class CurvatureFile:
                 options = None
             if not isinstance(options, dict):
                 raise SphrunError(f"{self.json_path} is unreadable; delete it and curvature.csv to start over")
+        rows = self.read_scalars()
+        for it, curve in self.read_densities().items():
+            rows.setdefault(it, {})["hessian-density"] = curve
+        return rows, options
+
+    def read_scalars(self):
         try:
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 columns = reader.fieldnames or []
                 raw = list(reader)
         except FileNotFoundError:
-            return {}, options
-        if not columns or columns[0] != "iter" or any(c not in MEASURES for c in columns[1:]):
+            return {}
+        if not columns or columns[0] != "iter" or any(c not in SCALARS for c in columns[1:]):
             raise SphrunError(f"{self.csv_path} is not a sphrun curvature file (columns {columns})")
         try:
-            rows = {int(r["iter"]): {m: float(r[m]) for m in columns[1:] if r[m] not in ("", None)} for r in raw}
+            return {int(r["iter"]): {m: float(r[m]) for m in columns[1:] if r[m] not in ("", None)} for r in raw}
         except (TypeError, ValueError):
             raise SphrunError(f"{self.csv_path} has a malformed row; delete it to start over")
-        return rows, options
+
+    def read_densities(self):
+        """{iter: Density} from hessian-density.csv, its rows in the order written (ascending eigenvalue)."""
+        try:
+            with open(self.density_path, newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                raw = list(reader)
+        except FileNotFoundError:
+            return {}
+        if header is None or tuple(header) != DENSITY_COLUMNS:
+            raise SphrunError(f"{self.density_path} is not a sphrun density file (columns {header}, "
+                              f"not {','.join(DENSITY_COLUMNS)})")
+        curves = {}
+        try:
+            for it, eigenvalue, density in raw:
+                curve = curves.setdefault(int(it), Density([], []))
+                curve.eigenvalues.append(float(eigenvalue))
+                curve.density.append(float(density))
+        except (TypeError, ValueError):
+            raise SphrunError(f"{self.density_path} has a malformed row; delete it to start over")
+        return curves
 
     def write(self, rows, options):
         present = [m for m in MEASURES if any(m in values for values in rows.values())]
-        lines = [",".join(["iter", *present])]
-        for it in sorted(rows):
-            if any(m in rows[it] for m in present):
-                lines.append(",".join([str(it)] + [format_value(rows[it][m]) if m in rows[it] else ""
-                                                   for m in present]))
+        scalars = [m for m in present if m in SCALARS]
         record = {"options": {m: options.get(m) for m in present},
                   "versions": {"sphrun": __version__, "torch": torch.__version__}}
         # the options first: a reader never finds a column whose options are not there yet
         write_text(self.json_path, json.dumps(record, indent=2) + "\n")
-        write_text(self.csv_path, "\n".join(lines) + "\n")
+        if scalars or os.path.exists(self.csv_path):
+            lines = [",".join(["iter", *scalars])]
+            for it in sorted(rows):
+                if any(m in rows[it] for m in scalars):
+                    lines.append(",".join([str(it)] + [format_value(rows[it][m]) if m in rows[it] else ""
+                                                       for m in scalars]))
+            write_text(self.csv_path, "\n".join(lines) + "\n")
+        if "hessian-density" in present or os.path.exists(self.density_path):
+            lines = [",".join(DENSITY_COLUMNS)]
+            for it in sorted(rows):
+                curve = rows[it].get("hessian-density")
+                if curve:
+                    lines += [f"{it},{format_value(e)},{format_value(d)}" for e, d in zip(*curve)]
+            write_text(self.density_path, "\n".join(lines) + "\n")
 
 
-def reconcile(rows, stored, options, measures, recompute, path):
-    """Drop the columns of `measures` measured with other options when recomputing, refuse otherwise.
-    Returns the options of every column after this invocation."""
+def reconcile(rows, stored, options, measures, recompute, path_of):
+    """Drop the columns of `measures` measured with other options when recomputing, refuse otherwise;
+    path_of(measure) names the file of its column. Returns the options of every column after this
+    invocation."""
     wanted = {m: {k: options[k] for k in (*DEPENDS_ON[m], "data") if k in options} for m in measures}
     for m in measures:
+        path = path_of(m)
         if any(m in values for values in rows.values()) and stored.get(m) != wanted[m]:
             theirs = stored.get(m) or {}
             differing = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in wanted[m].items()
@@ -329,11 +442,13 @@ def resolve_targets(run, at):
     return [(which, it) for it, which in sorted(targets.items())]
 
 
-def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batches=None, bn_mode="train",
-                  recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False, other_data=False):
-    """Measure a run's checkpoints and extend RUN/curvature.csv; returns {step: {measure: value}} measured.
-    `allow_tf32`: TF32 convolutions and matrix products on CUDA (default full float32). `other_data`:
-    measure on data other than the run's (its fingerprint then becomes one of the columns' options).
+def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=10, batches=None, bn_mode="train",
+                  recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False, other_data=False,
+                  sigma=0.01):
+    """Measure a run's checkpoints and extend RUN/curvature.csv (RUN/hessian-density.csv for the density);
+    returns {step: {measure: value}} measured. `allow_tf32`: TF32 convolutions and matrix products on CUDA
+    (default full float32). `other_data`: measure on data other than the run's (its fingerprint then
+    becomes one of the columns' options). `sigma`: the density's smoothing, a fraction of its spread.
 
     `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
     """
@@ -350,6 +465,9 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
         raise SphrunError(f"--bn-mode must be train or eval, got {bn_mode!r}")
     if seed < 0:
         raise SphrunError(f"--seed must be 0 or more, got {seed}")
+    if not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
+        raise SphrunError(f"--sigma must be between {SIGMA_RANGE[0]:g} and {SIGMA_RANGE[1]:g} (a fraction of "
+                          f"the spectrum's spread), got {sigma:g}")
     run = RunDir(path)
     stored, config = read_settings(run)
     if not isinstance(stored.get("train_size"), int):
@@ -362,18 +480,20 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
     store = CurvatureFile(run)
     rows, stored_options = store.read()
     options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed,
-               "generator": noise.GENERATOR, "tf32": allow_tf32}
+               "generator": noise.GENERATOR, "tf32": allow_tf32, "sigma": sigma}
     restored = None
     if other_data:  # which data is measured on is an option of the columns: load it first
         restored = restore(path, targets[0][0], device, data_dir, other_data=True)
         identity = data_identity(restored[2])
         if data_difference(identity, stored.get("data")):
             options["data"] = identity["fingerprint"]
-    column_options = reconcile(rows, stored_options, options, measures, recompute, store.csv_path)
+    column_options = reconcile(rows, stored_options, options, measures, recompute, store.path_of)
     todo = [(which, it, [m for m in measures if recompute or m not in rows.get(it, {})]) for which, it in targets]
     todo = [t for t in todo if t[2]]
     if not todo:
-        message(f"{store.csv_path} already has {','.join(measures)} at the steps asked; "
+        files = list(dict.fromkeys(store.path_of(m) for m in measures))
+        message(f"{' and '.join(files)} already {'has' if len(files) == 1 else 'have'} {','.join(measures)} "
+                f"at the steps asked; "
                 f"--recompute to measure again")
         return {}
     run, config, data, model, params, order, _ = restored or restore(path, todo[0][0], device, data_dir)
@@ -399,14 +519,14 @@ def run_curvature(path, at="all", measures=MEASURES, probes=5, lanczos=10, batch
                 if not recompute and store.has(it, m, column_options[m]):
                     continue  # another process measured it meanwhile
                 value = measure(model, params, data.train_x, data.train_y, config.loss, permutation,
-                                config.batch_size, [m], probes, lanczos, bn_mode, seed, it, advance)[m]
+                                config.batch_size, [m], probes, lanczos, bn_mode, seed, it, advance, sigma)[m]
                 try:
                     store.add(it, m, value, column_options[m], recompute)
                 except CannotWrite as e:
-                    raise CannotWrite(f"{e}: {m} at step {it} ({value:.9g}) is not saved, the values before "
+                    raise CannotWrite(f"{e}: {m} at step {it} ({describe(value)}) is not saved, the values before "
                                       f"it are; free some space, then run the same command to measure the "
                                       f"rest") from e
                 measured.setdefault(it, {})[m] = value
-                bar.log(f"step {it:>7d}  {m} {value:.6g}")
+                bar.log(f"step {it:>7d}  {m} {describe(value)}")
         bar.update(done)
     return measured

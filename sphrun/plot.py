@@ -7,27 +7,34 @@ import os
 from typing import Callable, NamedTuple
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import to_rgba
+from matplotlib.colors import LogNorm, Normalize, to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from sphrun import SphrunError
 from sphrun.phases import group_table, majority_phase, report_phases, table_path_for
 from sphrun.progress import message
-from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, RUN_MARKER, connect_train_size, dataset_key,
+from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, PLANE_MARKER, RUN_MARKER, connect_train_size, dataset_key,
                          describe_dataset, elr_text, find_dirs, find_settings, group_series, load_runs,
                          note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,
-                         require_columns, series_label)
-from sphrun.style import (BAND_ALPHA, BAND_EDGE, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, PHASE_EDGES, axis_label,
-                          check_out, elr_norm, figure_legend, new_figure, phase_patches, save, set_scale, shown,
-                          styled)
+                         read_density, read_plane, require_columns, series_label)
+from sphrun.style import (BAND_ALPHA, BAND_EDGE, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, PHASE_EDGES,
+                          ReadableLogFormatter, ReadableLogLocator, axis_label, check_out, elr_norm, figure_legend,
+                          new_figure, phase_patches, save, set_scale, shown, styled)
 
 PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
 BOX_SLOT = 0.8  # of the room between neighbouring ELRs on the cosine figure, shared by their boxes
 CONNECT_MARGIN = 0.04  # of the alpha axis beyond each end, where the end's marker is drawn whole
 LONE_BAND = 1.2  # a single ELR's phase is shaded this factor either side of it, where its point is
 NEAR_BOUND = 0.5  # of the cosines' spread: 0 (uncorrelated) or 1 (parallel) that near them stays in view
+SURFACE_LEVELS = 12  # filled contour levels of a panel of the plane
+SURFACE_COLORS = "viridis"
+LOG_COLUMNS = ("train_loss", "test_loss", "gm")  # drawn on log scales (levels) where all positive
+DENSITY_FLOOR = 1e-6  # of the highest density: the bottom of the spectrum's log axis
+STEP_COLORS = "plasma"  # one run's densities at several steps, early to late
 
 
 def title(runs):
@@ -89,12 +96,99 @@ def segment_label(folder, config):
     """A connect output's two ends by ELR, seed and step, as 'ELR 0.001 s0 @900 to ELR 0.001 s1 @900' (lr
     for runs off the sphere); the folder's name when its config.json does not say."""
     try:
-        ends = [config["a"], config["b"]]
-        return " to ".join(f"{'ELR' if e['settings'].get('sphere', True) else 'lr'} "
-                           f"{elr_text(float(e.get('elr') or e['settings']['elr']))} s{e['settings']['seed']}"
-                           f" @{e['iter']}" for e in ends)
+        return " to ".join(end_label(config[key]) for key in ("a", "b"))
     except (KeyError, TypeError, ValueError):
         return os.path.basename(os.path.normpath(folder))
+
+
+def end_label(end):
+    """An end of a connect output (its config.json's record) as 'ELR 0.001 s0 @900'."""
+    return (f"{'ELR' if end['settings'].get('sphere', True) else 'lr'} "
+            f"{elr_text(float(end.get('elr') or end['settings']['elr']))} s{end['settings']['seed']} @{end['iter']}")
+
+
+# --- the plane through three solutions -------------------------------------------------------------
+def plane_figure(folder, out_path, columns=("train_loss", "test_err")):
+    """Draw a plane output into out_path (what `sphrun connect A B C` calls); returns the path."""
+    check_out(out_path)
+    return save(draw_plane(folder, columns), out_path)
+
+
+@styled
+def draw_plane(folder, columns=("train_loss", "test_err")):
+    """Filled contours of each of `columns` over the plane through three solutions (Garipov et al. 2018,
+    figure 1), one panel each: log levels for losses and GM, even ones for errors (%); the solutions
+    marked and named, the segments between them dashed, the cosine of the angle at A in the legend."""
+    config = read_connect_config(folder)
+    us, vs, values = read_plane(folder)
+    unknown = [c for c in columns if c not in values]
+    if unknown:
+        raise SphrunError(f"{os.path.join(folder, PLANE_MARKER)} has no column {', '.join(unknown)} "
+                          f"(it has {', '.join(values)})")
+    try:
+        corners = [config["basis"][key] for key in ("b", "c")]
+        labels = [f"{letter}: {end_label(config[letter.lower()])}" for letter in "ABC"]
+    except (KeyError, TypeError, ValueError):
+        raise SphrunError(f"{folder}/config.json does not say where the three solutions lie; run "
+                          f"`sphrun connect A B C` again")
+    points = np.array([[0.0, 0.0], corners[0], corners[1]])
+    settings = find_settings(config) or {}
+    losses = [settings["loss"]] if "loss" in settings else []
+    # each panel as wide as the column allows, as tall as the plane's shape then wants (equal axes)
+    shape = (vs[-1] - vs[0]) / (us[-1] - us[0])
+    figure, axes = new_figure(len(columns), 1, height=len(columns) * (0.5 + 2.3 * min(max(shape, 0.35), 1.3)) + 1.0)
+    for ax, column in zip(axes[:, 0], columns):
+        z = shown(column, values[column])
+        levels, norm = surface_levels(z, log=column in LOG_COLUMNS)
+        filled = ax.contourf(us, vs, z, levels=levels, norm=norm, cmap=SURFACE_COLORS, extend="neither")
+        bar = figure.colorbar(filled, ax=ax, label=axis_label(column, losses, short=True))
+        if isinstance(norm, LogNorm):  # a few nice labelled values, not all the levels
+            bar.locator, bar.formatter = ReadableLogLocator(), ReadableLogFormatter()
+        draw_triangle(ax, points)
+        ax.set_xlim(us[0], us[-1])
+        ax.set_ylim(vs[0], vs[-1])
+        ax.set_aspect("equal")
+        ax.set_xlabel("u: along B - A (weight-space distance)")
+        ax.set_ylabel("v: toward C")
+    handles = [Line2D([], [], marker=f"${letter}$", color="black", linestyle="none", label=label)
+               for letter, label in zip("ABC", labels)]
+    handles.append(Line2D([], [], color="black", linestyle="--",
+                          label=f"segments between them; cos(angle at A) = {config['basis']['cos_a']:.3f}"))
+    figure_legend(figure, handles)
+    text = "The plane through three solutions"
+    if settings:
+        data = describe_dataset(settings.get("dataset"), connect_train_size(config))
+        text += "\n" + heading(data, {settings["loss"]}, {(settings.get("model", "convnet"), settings.get("width"))})
+    figure.suptitle(text)
+    return figure
+
+
+def surface_levels(z, log):
+    """(levels, norm) of filled contours spanning z's finite values: SURFACE_LEVELS geometric steps (log,
+    where all are positive) or nice even ones."""
+    finite = z[np.isfinite(z)]
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    if log and low > 0:
+        if high <= low:
+            low, high = low / 1.1, high * 1.1  # a flat surface: one band around its value
+        return np.geomspace(low, high, SURFACE_LEVELS + 1), LogNorm(low, high)
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    levels = MaxNLocator(SURFACE_LEVELS).tick_values(low, high)
+    return levels, Normalize(levels[0], levels[-1])
+
+
+def draw_triangle(ax, points):
+    """The three solutions at `points` (A, B, C as rows (u, v)): white dots with black rims, their letters
+    beside them, and the dashed segments between them."""
+    closed = np.vstack([points, points[:1]])
+    ax.plot(closed[:, 0], closed[:, 1], color="black", linestyle="--", linewidth=0.8, zorder=3)
+    ax.plot(points[:, 0], points[:, 1], marker="o", markerfacecolor="white", markeredgecolor="black",
+            linestyle="none", zorder=4)
+    outline = [patheffects.withStroke(linewidth=2, foreground="white")]  # legible on any colour
+    for letter, (u, v) in zip("ABC", points):
+        ax.annotate(letter, (u, v), xytext=(3, 3), textcoords="offset points", fontweight="bold", zorder=5,
+                    path_effects=outline)
 
 
 # --- phase diagrams ----------------------------------------------------------------------------------
@@ -194,6 +288,51 @@ def phase_legend(runs, parents_drawn=False, seeds=1):
     if seeds > 1:
         handles.append(Line2D([], [], color="0.3", label=f"one line per seed (up to {seeds} per ELR)"))
     return handles
+
+
+# --- the Hessian's eigenvalue density ------------------------------------------------------------------
+def with_density(runs):
+    """{run path: {step: Density}} of the runs that have a hessian-density.csv; the others are named in a
+    note, and none at all is an error."""
+    curves = {run.path: read_density(run) for run in runs}
+    if not any(curves.values()):
+        raise SphrunError(f"no run has a hessian-density.csv: run `sphrun curvature RUN --measures "
+                          f"hessian-density` first (e.g. on {runs[0].path})")
+    for run in runs:
+        if not curves[run.path]:
+            message(f"note: {run.path} has no hessian-density.csv and is left out")
+    return {path: by_step for path, by_step in curves.items() if by_step}
+
+
+@styled
+def spectrum_figure(runs):
+    """The Hessian's eigenvalue density (Ghorbani, Krishnan and Xiao 2019, figure 1) on a log density axis,
+    which shows the bulk near 0 and the outliers alike: of several runs, each at its last measured step
+    in the colour of its ELR (as the phase diagram), or of one run, at each measured step, early to late."""
+    curves = with_density(runs)
+    runs = [run for run in runs if run.path in curves]
+    figure, axes = new_figure(height=2.6)
+    ax = axes[0, 0]
+    if len(runs) == 1 and len(curves[runs[0].path]) > 1:
+        by_step = curves[runs[0].path]
+        colors = ScalarMappable(norm=Normalize(min(by_step), max(by_step)), cmap=STEP_COLORS)
+        drawn = [(colors.to_rgba(step), curve) for step, curve in sorted(by_step.items())]
+        figure.colorbar(colors, ax=ax, label=axis_label("iter"))
+    else:
+        colors = ScalarMappable(norm=elr_norm([r.elr for r in runs]), cmap=ELR_COLORS)
+        drawn = [(colors.to_rgba(run.elr), curves[run.path][max(curves[run.path])]) for run in runs]
+        figure.colorbar(colors, ax=ax, label="ELR")
+    for color, curve in drawn:
+        ax.plot(curve.eigenvalues, curve.density, color=color)
+    peak = max(max(curve.density) for _, curve in drawn)
+    ax.set_yscale("log")
+    ax.set_ylim(DENSITY_FLOOR * peak, 2 * peak)
+    ax.set_xlabel(r"Hessian eigenvalue $\lambda$")
+    ax.set_ylabel(r"density (1 / $\lambda$)")
+    ax.set_title(title(runs))
+    if len(drawn) > 1 and len(runs) > 1:
+        figure_legend(figure, [Line2D([], [], color="0.3", label="each run at its last measured step")])
+    return figure
 
 
 # --- final metrics and phases against the ELR -----------------------------------------------------------
@@ -439,6 +578,12 @@ def with_curvature(runs):
     return measured
 
 
+def plane_kind(folders, request):
+    if len(folders) != 1:
+        raise SphrunError(f"--kind plane draws one plane output, got {len(folders)}: {', '.join(folders)}")
+    return draw_plane(folders[0], (request.y,) if request.y else ("train_loss", "test_err"))
+
+
 def phase_kind(runs, request):
     return phase_figure(runs, request.x or "train_loss", request.y or "gm", request.aggregate)
 
@@ -470,17 +615,19 @@ class Kind(NamedTuple):
     when it reads connect outputs); `reads` is the file that marks a folder it draws from."""
     draw: Callable
     reads: str = RUN_MARKER
-    takes_xy: bool = False  # --x and --y apply
+    takes: tuple = ()  # which of --x and --y apply
 
 
 # A new figure is a function and a line here.
 KINDS = {
-    "phase": Kind(phase_kind, takes_xy=True),
+    "phase": Kind(phase_kind, takes=("x", "y")),
     "metrics": Kind(metrics_kind),
     "cosine": Kind(lambda runs, request: cosine_figure(runs, request.aggregate)),
     "connect": Kind(lambda folders, request: draw_connect(folders), reads=CONNECT_MARKER),
-    "curvature": Kind(curvature_kind, takes_xy=True),
+    "curvature": Kind(curvature_kind, takes=("x", "y")),
     "projection": Kind(lambda runs, request: projection_figure(runs, request.aggregate)),
+    "plane": Kind(plane_kind, reads=PLANE_MARKER, takes=("y",)),
+    "spectrum": Kind(lambda runs, request: spectrum_figure(runs)),
 }
 
 
@@ -490,9 +637,10 @@ def plot(paths, kind, out=None, x=None, y=None, aggregate=True):
     if kind not in KINDS:
         raise SphrunError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
     chosen = KINDS[kind]
-    if (x or y) and not chosen.takes_xy:
-        takers = " and ".join(name for name, k in KINDS.items() if k.takes_xy)
-        raise SphrunError(f"--x and --y apply to the {takers} kinds, not to {kind}")
+    for option, value in (("x", x), ("y", y)):
+        if value and option not in chosen.takes:
+            takers = " and ".join(name for name, k in KINDS.items() if option in k.takes)
+            raise SphrunError(f"--{option} applies to the {takers} kinds, not to {kind}")
     if out is not None:
         check_out(out)
     dirs = find_dirs(paths, chosen.reads)

@@ -32,6 +32,7 @@ STATUSES = ("running", "done", "diverged", "interrupted")
 CHECKPOINT_NAME = re.compile(r"iter-(\d{7,})\.pt$")
 # A temporary of atomic_write: .tmp-<the file it becomes>-<8 random characters>; older versions wrote
 # .tmp-<8 random characters>, hence the optional target.
+OUTPUT_TABLES = ("connect.csv", "plane.csv")  # beside config.json, they mark connect's outputs, not runs
 TEMPORARY_NAME = re.compile(r"\.tmp-(?:(.+)-)?[a-z0-9_]{8}$")
 
 
@@ -382,15 +383,16 @@ def check_run_location(path, what="run"):
     check_writable(path)
 
 
-def check_output_folder(path):
+def check_output_folder(path, table="connect.csv"):
     """Refuse a connect output at `path` that would overwrite a run's files: never a run directory (nor
-    a folder with another config.json), inside one or over a folder of runs; an earlier connect output
-    there is replaced."""
+    a folder with another config.json), inside one or over a folder of runs; an earlier output of the same
+    kind there (its `table`: connect.csv for a segment, plane.csv for a plane) is replaced."""
     check_run_location(path, "connect output")
-    foreign = os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
-        os.path.join(path, "connect.csv"))
+    foreign = os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, table))
     if is_run_dir(path) or foreign:
-        raise SphrunError(f"{path} holds a run's config.json: give --out a folder of its own for the connect "
+        other = [name for name in OUTPUT_TABLES if name != table and os.path.isfile(os.path.join(path, name))]
+        what = f"another connect output's config.json ({other[0]} beside it)" if other else "a run's config.json"
+        raise SphrunError(f"{path} holds {what}: give --out a folder of its own for the connect "
                           f"output, such as {os.path.join(os.path.dirname(os.path.abspath(path)), 'NAME')}")
 
 

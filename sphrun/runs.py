@@ -12,12 +12,12 @@ import numpy as np
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
 from sphrun.progress import message
-from sphrun.rundir import RunDir
+from sphrun.rundir import OUTPUT_TABLES, RunDir
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic data"}
 LOSS_NAMES = {"ce": "cross-entropy", "mse": "MSE"}
 CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err")
-RUN_MARKER, CONNECT_MARKER = "config.json", "connect.csv"  # the file in a run, in a connect output
+RUN_MARKER, CONNECT_MARKER, PLANE_MARKER = "config.json", "connect.csv", "plane.csv"  # in a run, a segment, a plane
 # Settings that do not split runs into separate lines against the ELR: the ELR itself, the run's length
 # and where it ran, and the start step and ELR of a fine-tune (its parent already tells those apart).
 NOT_SERIES = ("elr", "epochs", "iters", "eval_every", "keep", "device", "data_dir", "origin", "elr_from")
@@ -93,9 +93,9 @@ def find_dirs(paths, marker):
 
 
 def is_target(folder, marker):
-    if marker == RUN_MARKER:  # a run: a connect output has a config.json too, but also connect.csv
+    if marker == RUN_MARKER:  # a run: a connect output has a config.json too, but also its table
         return (os.path.isfile(os.path.join(folder, RUN_MARKER))
-                and not os.path.isfile(os.path.join(folder, CONNECT_MARKER)))
+                and not any(os.path.isfile(os.path.join(folder, table)) for table in OUTPUT_TABLES))
     return os.path.isfile(os.path.join(folder, marker))
 
 
@@ -130,16 +130,25 @@ def require_columns(run, columns, source="metrics.csv"):
 
 
 def read_curvature(run, required=True):
-    """RUN/curvature.csv as rows by step, each with the measures taken there (columns like hessian-eig);
-    None when there is none and none is required."""
-    from sphrun.curvature import CurvatureFile
+    """RUN/curvature.csv as rows by step, each with the scalar measures taken there (columns like
+    hessian-eig); None when there is none and none is required."""
+    from sphrun.curvature import SCALARS, CurvatureFile
 
-    measured, _ = CurvatureFile(run).read()
+    rows, _ = CurvatureFile(run).read()
+    measured = {it: {m: v for m, v in values.items() if m in SCALARS} for it, values in rows.items()}
+    measured = {it: values for it, values in measured.items() if values}
     if not measured and not required:
         return None
     if not measured:
         raise SphrunError(f"{run.path} has no curvature.csv: run `sphrun curvature {run.path}` first")
     return [{"iter": it, **values} for it, values in sorted(measured.items())]
+
+
+def read_density(run):
+    """RUN/hessian-density.csv as {step: Density}; empty when there is none."""
+    from sphrun.curvature import CurvatureFile
+
+    return CurvatureFile(run).read_densities()
 
 
 def find_parent(run, runs_by_path):
@@ -297,25 +306,50 @@ def labelled_series(series):
 
 
 # --- connect outputs --------------------------------------------------------------------------------
-def read_connect(folder):
-    path = os.path.join(folder, "connect.csv")
+def read_table(folder, table, columns, what):
+    """(its path, its rows as floats, its header) of the CSV `table` of a connect output, refused in one
+    line when absent, short of one of `columns` or malformed."""
+    path = os.path.join(folder, table)
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             header = reader.fieldnames or []
     except FileNotFoundError:
-        raise SphrunError(f"{folder} is not a sphrun connect output (no connect.csv)")
-    missing = [c for c in CONNECT_COLUMNS if c not in header]
+        raise SphrunError(f"{folder} is not a sphrun {what} (no {table})")
+    missing = [c for c in columns if c not in header]
     if missing:
         raise SphrunError(f"{path} has no column {', '.join(missing)}")
     try:
-        rows = [{k: float(v) for k, v in row.items()} for row in rows]
+        return path, [{k: float(v) for k, v in row.items()} for row in rows], header
     except (TypeError, ValueError):
         raise SphrunError(f"{path} has a malformed row")
+
+
+def read_connect(folder):
+    path, rows, _ = read_table(folder, CONNECT_MARKER, CONNECT_COLUMNS, "connect output")
     if len(rows) < 2:
         raise SphrunError(f"{path} has fewer than 2 points")
     return sorted(rows, key=lambda r: r["alpha"])
+
+
+PLANE_COLUMNS = ("u", "v", "train_loss", "train_err", "test_loss", "test_err")
+
+
+def read_plane(folder):
+    """A plane output (`sphrun connect A B C`): (u values, v values, {column: values as a 2-d array, row i
+    at the i-th v, column j at the j-th u}), the grid's axes ascending."""
+    path, rows, header = read_table(folder, PLANE_MARKER, PLANE_COLUMNS, "plane output")
+    us, vs = sorted({r["u"] for r in rows}), sorted({r["v"] for r in rows})
+    if len(us) < 2 or len(vs) < 2 or len(rows) != len(us) * len(vs):
+        raise SphrunError(f"{path} is not a full grid of at least 2 x 2 points ({len(rows)} rows over "
+                          f"{len(us)} u and {len(vs)} v values)")
+    index_u, index_v = {u: j for j, u in enumerate(us)}, {v: i for i, v in enumerate(vs)}
+    grids = {c: np.full((len(vs), len(us)), np.nan) for c in header if c not in ("u", "v")}
+    for r in rows:
+        for c, grid in grids.items():
+            grid[index_v[r["v"]], index_u[r["u"]]] = r[c]
+    return np.array(us), np.array(vs), grids
 
 
 def read_connect_config(folder):

@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from sphrun.config import TrainConfig
-from sphrun.curvature import (fisher_trace, flat, hessian_trace, hessian_vector_product,
-                              lanczos_top_eigenvalue, measure, Probes, unflat)
+from sphrun.curvature import (DENSITY_PAD, fisher_trace, flat, hessian_trace, hessian_vector_product,
+                              lanczos_top_eigenvalue, measure, Probes, ritz_spectrum, smoothed_density, unflat)
 from sphrun.metrics import batch_loss
 from sphrun.models import trainable_scale_invariant
 from sphrun.train import train
@@ -214,3 +214,152 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run, cli, args, expe
 def test_missing_run_is_refused(tmp_path, cli):
     code, err = cli("curvature", str(tmp_path / "nowhere"))
     assert code == 2 and "not a sphrun run" in err and err.count("\n") == 1
+
+
+# --- the eigenvalue density (stochastic Lanczos quadrature) ------------------------------------------
+
+def integral(curve, weight=lambda e: 1.0):
+    """The trapezoid integral of weight(eigenvalue) * density over the curve's grid."""
+    e, d = torch.tensor(curve.eigenvalues, dtype=torch.float64), torch.tensor(curve.density, dtype=torch.float64)
+    return torch.trapezoid(weight(e) * d, e).item()
+
+
+def ritz_range(curve, sigma):
+    """The lowest and highest Ritz values, read back from the grid, which reaches DENSITY_PAD widths
+    of sigma * (highest - lowest) past them."""
+    first, last = curve.eigenvalues[0], curve.eigenvalues[-1]
+    spread = (last - first) / (1 + 2 * DENSITY_PAD * sigma)
+    return first + DENSITY_PAD * sigma * spread, last - DENSITY_PAD * sigma * spread
+
+
+def test_density_integrates_to_one_and_reaches_the_extreme_eigenvalues(problem):
+    """Over the net's own Hessian-vector products: the density is a probability density, and its largest
+    Ritz value is hessian-eig's, both converged to the explicit top eigenvalue."""
+    net, params, x, y, order, batches = problem
+    exact = torch.linalg.eigvalsh(sum(explicit(problem, "ce")[0]) / 2)
+    values = measure(net, params, x, y, "ce", order, 10, ("hessian-eig", "hessian-density"), probes=2,
+                     lanczos=40, sigma=0.02)
+    curve = values["hessian-density"]
+    assert integral(curve) == pytest.approx(1, abs=1e-6)
+    assert all(d >= 0 for d in curve.density) and curve.eigenvalues == sorted(curve.eigenvalues)
+    low, high = ritz_range(curve, 0.02)
+    assert close(high, values["hessian-eig"], 1e-6) and close(high, exact[-1].item(), 1e-6)
+    assert close(low, exact[0].item(), 1e-4)
+
+
+def test_density_mass_on_either_side_of_a_threshold_is_the_share_of_eigenvalues_there(problem):
+    """With as many Lanczos steps as parameters the quadrature of each probe is exact: the mass below t
+    is (1/P) sum_p |Pi z_p|^2 / n, Pi the projection on the eigenvectors below t, whose mean over
+    Rademacher probes is their share k / n, with variance 2 sum_{i != j} Pi_ij^2 / (P n^2). The
+    smoothing may move the eigenvalues within 3 widths of t across it."""
+    hessian = sum(explicit(problem, "ce")[0]) / 2
+    exact, vectors = torch.linalg.eigh(hessian)
+    n, sigma, probes = len(exact), 0.005, 12
+    probe = Probes(0, 0, "hessian-density")
+    spectra = [ritz_spectrum(lambda v: hessian @ v, probe(k, exact), n) for k in range(probes)]
+    curve = smoothed_density(spectra, sigma)
+    width = sigma * (exact[-1] - exact[0]).item()
+    gaps = [(exact[i + 1] - exact[i]).item() for i in range(n - 1)]
+    for quantile in (0.1, 0.3, 0.5, 0.7, 0.9):
+        start = int(quantile * n) - 8
+        i = max(range(start, start + 16), key=lambda i: gaps[i])  # the widest gap near the quantile
+        threshold = (exact[i] + exact[i + 1]).item() / 2
+        below = vectors[:, :i + 1]
+        projection = below @ below.T
+        spread = (2 * ((projection ** 2).sum() - (projection.diagonal() ** 2).sum()) / probes).item() ** 0.5 / n
+        smoothing = ((exact - threshold).abs() < 3 * width).sum().item() / n
+        mass_below = integral(curve, lambda e: (e < threshold).double())
+        mass_above = integral(curve, lambda e: (e > threshold).double())
+        assert abs(mass_below - (i + 1) / n) <= 4 * spread + smoothing, (threshold, mass_below, (i + 1) / n)
+        assert abs(mass_above - (n - i - 1) / n) <= 4 * spread + smoothing
+
+
+def test_density_smoothing_is_relative_to_the_spread(problem):
+    """The Hessian of 1000 L has the eigenvalues of H times 1000: its density is H's stretched by 1000
+    and 1000 times lower, point for point, since the widths scale with the spread."""
+    hessian = sum(explicit(problem, "ce")[0]) / 2
+    probe = lambda: Probes(0, 0, "hessian-density")
+    curves = {}
+    for scale in (1.0, 1000.0):
+        start = probe()
+        spectra = [ritz_spectrum(lambda v: scale * hessian @ v, start(k, hessian[0]), 12) for k in range(3)]
+        curves[scale] = smoothed_density(spectra, 0.02)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)
+    assert len(curves[1000.0].eigenvalues) == len(curves[1.0].eigenvalues)
+    assert torch.allclose(as_tensor(curves[1000.0].eigenvalues), 1000 * as_tensor(curves[1.0].eigenvalues),
+                          rtol=1e-9, atol=1e-9)
+    assert torch.allclose(1000 * as_tensor(curves[1000.0].density), as_tensor(curves[1.0].density),
+                          rtol=1e-7, atol=1e-9)
+
+
+def test_trace_from_the_density_is_hutchinsons_and_agrees_with_hessian_trace(problem):
+    """n * integral of lambda * density = (1/P) sum_p z_p^T H z_p for the density's own probes (each
+    quadrature's mean is T[0, 0] = z^T H z / |z|^2, |z|^2 = n), and within the two estimators' errors of
+    hessian-trace and of the exact trace."""
+    net, params, x, y, order, batches = problem
+    hessians = explicit(problem, "ce")[0]
+    hessian = sum(hessians) / 2
+    n, probes = hessian.shape[0], 4
+    values = measure(net, params, x, y, "ce", order, 10, ("hessian-trace", "hessian-density"), probes=probes,
+                     lanczos=6, sigma=0.01)
+    from_density = n * integral(values["hessian-density"], lambda e: e)
+    probe = Probes(0, 0, "hessian-density")
+    draws = [probe(k, hessian[0]) for k in range(probes)]
+    assert close(from_density, sum((z @ hessian @ z).item() for z in draws) / probes, 1e-6)
+    off_diagonal = lambda h: 2 * ((h ** 2).sum() - (h.diagonal() ** 2).sum()).item()
+    error_density = (off_diagonal(hessian) / probes) ** 0.5
+    error_trace = (sum(off_diagonal(h) / 4 for h in hessians) / probes) ** 0.5  # batch weights 1/2
+    exact = torch.trace(hessian).item()
+    assert abs(from_density - exact) <= 4 * error_density
+    assert abs(values["hessian-trace"] - exact) <= 4 * error_trace
+    assert abs(from_density - values["hessian-trace"]) <= 4 * (error_density ** 2 + error_trace ** 2) ** 0.5
+
+
+def read_density(run):
+    with open(os.path.join(run, "hessian-density.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    curves = {}
+    for r in rows:
+        curves.setdefault(int(r["iter"]), []).append((float(r["eigenvalue"]), float(r["density"])))
+    return curves
+
+
+def test_density_command_writes_its_file_beside_curvature_csv_and_guards_its_options(tmp_path, run, cli):
+    import shutil
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("curvature.*", "hessian-density.csv"))
+    density = ("--measures", "hessian-density", "--probes", "2", "--lanczos", "3", "--batches", "2")
+    code, err = cli("curvature", copy, "--at", "0,16", *density, "--sigma", "0.05")
+    assert code == 0, err
+    assert not os.path.exists(os.path.join(copy, "curvature.csv"))  # no scalar measured: no empty file
+    with open(os.path.join(copy, "hessian-density.csv")) as f:
+        assert f.readline() == "iter,eigenvalue,density\n"
+    curves = read_density(copy)
+    assert sorted(curves) == [0, 16]
+    for points in curves.values():
+        e, d = torch.tensor(points, dtype=torch.float64).T
+        assert e.tolist() == sorted(e.tolist()) and torch.trapezoid(d, e).item() == pytest.approx(1, abs=1e-6)
+        assert len(points) == round(5 / 0.05 + 2 * 5 * 5) + 1  # every sigma / 5, 5 widths past the ends
+    options = json.load(open(os.path.join(copy, "curvature.json")))["options"]["hessian-density"]
+    assert (options["probes"], options["lanczos"], options["sigma"], options["batches"]) == (2, 3, 0.05, 2)
+
+    code, err = cli("curvature", copy, "--at", "16", "--measures", "gm")  # a scalar beside: the curves stay
+    assert code == 0, err
+    assert read_density(copy) == curves and [r["iter"] for r in read_rows(copy)] == ["16"]
+    code, err = cli("curvature", copy, "--at", "8", *density, "--sigma", "0.02")
+    assert code == 2 and err.count("\n") == 1 and "hessian-density.csv has hessian-density measured with " \
+        "other options (sigma 0.05 there, 0.02 here)" in err, err
+    assert read_density(copy) == curves
+    code, err = cli("curvature", copy, "--at", "8", *density, "--sigma", "0.02", "--recompute")
+    assert code == 0, err
+    assert sorted(read_density(copy)) == [8] and [r["iter"] for r in read_rows(copy)] == ["16"]
+
+
+@pytest.mark.parametrize("sigma", ["0", "0.0001", "2"])
+def test_a_sigma_out_of_range_is_one_line_and_writes_nothing(tmp_path, run, cli, sigma):
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("curvature.*", "hessian-density.csv"))
+    code, err = cli("curvature", copy, "--measures", "hessian-density", "--sigma", sigma)
+    assert code == 2 and err.count("\n") == 1 and "--sigma must be between 0.001 and 1" in err, err
+    assert not any(name.startswith(("curvature", "hessian")) for name in os.listdir(copy))

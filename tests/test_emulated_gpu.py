@@ -117,16 +117,23 @@ def test_every_command_takes_the_cuda_path(cuda, cli, tmp_path, monkeypatch):
                  ["finetune", a, "--elr", "2e-3", "--iters", "8", "--eval-every", "4", *auto, "--out", b],
                  ["connect", a, b, "--points", "3", *cuda_, "--out", tmp_path / "ab"],
                  ["curvature", a, "--at", "last", "--probes", "1", "--lanczos", "2", "--batches", "2", *auto],
+                 ["curvature", a, "--at", "last", "--measures", "hessian-density", "--probes", "1", "--lanczos",
+                  "2", "--batches", "2", *cuda_],
                  ["curvature", a, "--at", "last", "--measures", "gm", "--recompute", *cuda_]):
         code, err = cli(*args)
         assert code == 0, err
         if args[0] in ("train", "finetune"):
             assert "on cuda:0" in err and "capture failed" not in err and "differs" not in err
+    c = next(run for run in pack.iterdir() if "elr0.01-" in run.name)  # a's init, another ELR
+    code, err = cli("connect", a, b, c, "--grid", "2", *cuda_, "--out", tmp_path / "abc")
+    assert code == 0 and "4 per pass" in err, err  # the four points packed, in the grouped form
     assert len(cuda.graphs) == 3 and all(g.replays > 0 for g in cuda.graphs)  # a graph per pass, replayed
     assert grouped and all(benchmark)  # the pack's grouped form; cuDNN picks its kernels once
     assert tf32_while_measuring == [(False, False)] * len(tf32_while_measuring) and tf32_while_measuring
     assert RunDir(a).read_config()["status"] == RunDir(b).read_config()["status"] == "done"
     assert open(tmp_path / "ab" / "connect.csv").read().count("\n") == 4
+    assert open(a / "hessian-density.csv").readline() == "iter,eigenvalue,density\n"
+    assert open(tmp_path / "abc" / "plane.csv").read().count("\n") == 5
 
 
 def test_a_cuda_device_without_its_index_is_the_current_one(cuda, monkeypatch):

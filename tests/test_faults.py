@@ -390,6 +390,24 @@ def test_two_curvature_processes_keep_each_others_rows(run, monkeypatch):
     assert sorted(curvature.CurvatureFile(RunDir(run)).read()[0]) == [0, 8, 16, 24]
 
 
+def test_curvature_and_density_written_meanwhile_keep_each_others_rows(run, monkeypatch):
+    real, calls = curvature.measure, []
+    density = dict(measures="hessian-density", probes=1, lanczos=2, batches=1, device="cpu")
+
+    def measure(*args, **kwargs):  # while one process measures gm at 0 and 8, others add densities at 16, 8
+        calls.append(1)
+        if len(calls) == 1:
+            curvature.run_curvature(run, at=[16], **density)
+        if len(calls) == 2:
+            curvature.run_curvature(run, at=[8], **density)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(curvature, "measure", measure)
+    curvature.run_curvature(run, at=[0, 8], measures="gm", device="cpu")
+    rows = curvature.CurvatureFile(RunDir(run)).read()[0]
+    assert {it: sorted(values) for it, values in rows.items()} == {
+        0: ["gm"], 8: ["gm", "hessian-density"], 16: ["hessian-density"]}
+
+
 def test_connect_and_curvature_refuse_other_data_unless_asked_and_record_it(tmp_path, cli):
     own, other = small_cifar(tmp_path / "own", 40), small_cifar(tmp_path / "other", 40, touch=True)
     run = tmp_path / "run"

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py on the emulated GPU (tests/emulated_cuda.py): its checks pass on a sound
-sphrun, and a diverged pack, a stale learning rate or a stale batch in the captured step each make it
-print FAIL, so its PASS can be trusted on a GPU."""
+sphrun, and a diverged pack, a stale learning rate or a stale batch in the captured step, and the plane's
+packed points rescaled jointly each make it print FAIL, so its PASS can be trusted on a GPU."""
 
 import os
 import sys
@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from sphrun import connect
 from sphrun.packed import Step
 from test_emulated_gpu import rebinding_batch, rebinding_rate
 
@@ -32,11 +33,12 @@ def lines(capsys, names, root):
 
 
 @pytest.mark.parametrize("name", ["train single, --device auto", "transition past the capture",
-                                  "a member diverging after capture", "connect, curvature fp32"])
+                                  "a member diverging after capture", "connect, curvature fp32",
+                                  "plane, hessian-density fp32"])
 def test_a_sound_sphrun_passes(cuda, capsys, tmp_path, name):
     failures, [line] = lines(capsys, [name], tmp_path)
     assert failures == 0 and line.endswith("PASS"), line
-    assert name.startswith("connect") or cuda.graphs and all(g.replays for g in cuda.graphs)
+    assert name.startswith(("connect", "plane")) or cuda.graphs and all(g.replays for g in cuda.graphs)
 
 
 def test_a_diverged_pack_fails(cuda, capsys, tmp_path, monkeypatch):
@@ -52,6 +54,15 @@ def test_a_graph_replaying_a_stale_input_fails(cuda, capsys, tmp_path, monkeypat
     monkeypatch.setattr(Step, "take", bug)
     failures, [line] = lines(capsys, [name], tmp_path)
     assert failures == 1 and "FAIL" in line and "graph against eager" in line, line
+
+
+def test_packed_plane_points_rescaled_jointly_fail(cuda, capsys, tmp_path, monkeypatch):
+    """The plane's points packed on the GPU but rescaled by their joint norm, not each by its own: every
+    point's radius, hence its GM, is off."""
+    real_project = connect.project_
+    monkeypatch.setattr(connect, "project_", lambda params, rho, members=False: real_project(params, rho))
+    failures, [line] = lines(capsys, ["plane, hessian-density fp32"], tmp_path)
+    assert failures == 1 and "FAIL" in line and "plane at u" in line and "gm " in line, line
 
 
 def test_every_check_has_a_line_and_the_script_exits_1_on_failure(monkeypatch, capsys):

@@ -53,7 +53,7 @@ def test_no_type_oddities_in_usage_or_options(name):
 
 def test_usage_names_the_arguments():
     assert render("finetune")[0].splitlines()[0].endswith("[OPTIONS] RUN")
-    assert render("connect")[0].splitlines()[0].endswith("[OPTIONS] RUN_A RUN_B")
+    assert render("connect")[0].splitlines()[0].endswith("[OPTIONS] RUN_A RUN_B [RUN_C]")
     assert render("plot")[0].splitlines()[0].endswith("[OPTIONS] RUN_OR_DIR...")
 
 

@@ -1,6 +1,6 @@
 """The GPU never waits on the host, counted on the emulated device (tests/emulated_cuda.py): no host
 sync and no host-to-device copy per training step, a captured step of few ops at K = 16, and no sync
-per batch in curvature's measures or connect's points."""
+per batch in curvature's measures or connect's points (on the segment and, packed, on the plane)."""
 
 import dataclasses
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from sphrun.config import TrainConfig
-from sphrun.connect import recompute_bn_statistics
+from sphrun.connect import measure_plane, points_per_pass, recompute_bn_statistics
 from sphrun.curvature import measure
 from sphrun.data import BatchOrder
 from sphrun.lifecycle import Member, load_run_data, prepare
 from sphrun.metrics import eval_metrics, full_batches, train_metrics
+from sphrun.plane import span_plane
 from sphrun.rundir import RunDir
 from sphrun.train import pack_members
 
@@ -79,7 +80,7 @@ def syncs_over(cuda, work):
     return cuda.counts.syncs - before
 
 
-@pytest.mark.parametrize("which", ["gm", "fisher-trace", "hessian-trace", "hessian-eig"])
+@pytest.mark.parametrize("which", ["gm", "fisher-trace", "hessian-trace", "hessian-eig", "hessian-density"])
 def test_curvature_makes_no_sync_per_batch(cuda, which):
     config = TrainConfig(**{**TINY, "device": "cuda", "elr": 1e-3, "iters": 1})
     data, model, params, order = prepare(config, torch.device("cuda", 0))
@@ -102,3 +103,23 @@ def test_a_point_of_connect_makes_no_sync_per_batch(cuda):
         return work
 
     assert syncs_over(cuda, point(2)) == syncs_over(cuda, point(4))
+
+
+def test_a_pass_of_plane_points_makes_no_sync_per_batch(cuda):
+    config = TrainConfig(**{**TINY, "device": "cuda", "elr": 1e-3, "iters": 1})
+    data, model, params, order = prepare(config, torch.device("cuda", 0))
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    g = torch.Generator().manual_seed(0)
+    b, c = (theta + torch.randn(theta.shape, generator=g, dtype=torch.float64).to(theta.device) for _ in range(2))
+    plane = span_plane(theta, b, c)
+    at = [(0.0, 0.0), (plane.b, 0.0), plane.c]
+    per_pass = points_per_pass(model, config.sphere, params[0].device)
+    assert per_pass >= len(at)  # one pack of the three points, the grouped form
+    permutation = order.permutation(0)
+
+    def points(batches):
+        return lambda: measure_plane(model, config, data, permutation[:batches * 32],
+                                     full_batches(permutation, 32)[:batches], plane, at,
+                                     [plane.radius(u, v) for u, v in at], per_pass)
+
+    assert syncs_over(cuda, points(2)) == syncs_over(cuda, points(4))

@@ -19,8 +19,8 @@ from matplotlib.colors import to_hex
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
 from sphrun.phases import group_table
-from sphrun.plot import (KINDS, cosine_figure, draw_connect, metrics_figure, phase_figure, plot, projection_figure,
-                         with_curvature)
+from sphrun.plot import (KINDS, cosine_figure, draw_connect, draw_plane, metrics_figure, phase_figure, plot,
+                         projection_figure, spectrum_figure, with_curvature)
 from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows
 from sphrun.style import PHASE_COLORS, PHASE_EDGES, STYLE, figure_legend, new_figure, set_scale
 from sphrun.rundir import RunDir
@@ -388,6 +388,140 @@ def test_connect_figure_shows_the_ends_whole(tmp_path):
                 assert inside_axes.y0 + radius <= point[1] <= inside_axes.y1 - radius, ax.get_ylabel()
 
 
+# A plane output whose surface is known: train loss lowest at (2, 1.5), an inner grid point, and rising
+# steeply (4 decades) away from it; test error a tilted plane. 5 u by 4 v values, so a grid read with u
+# and v swapped cannot be drawn; B at (4, 0), C at (1, 3).
+PLANE_US, PLANE_VS = [-1.0, 0.5, 2.0, 3.5, 5.0], [-0.5, 0.5, 1.5, 2.5]
+
+
+def plane_loss(u, v):
+    return 0.01 * math.exp((u - 2) ** 2 + (v - 1.5) ** 2)
+
+
+def plane_output(folder):
+    folder.mkdir(parents=True)
+    write_csv(folder / "plane.csv", [{"u": u, "v": v, "train_loss": plane_loss(u, v), "train_err": 0.5,
+                                      "test_loss": 2.0, "test_err": 0.2 + 0.05 * u + 0.02 * v, "gm": 1.0 + u * u}
+                                     for v in PLANE_VS for u in PLANE_US])
+    config = {"command": "connect", "kind": "plane", "a": end("runs/x-s0", 0), "b": end("runs/x-s1", 1),
+              "c": end("runs/x-s2", 2), "basis": {"b": [4.0, 0.0], "c": [1.0, 3.0], "cos_a": 1 / math.sqrt(10)},
+              "train_size": 500}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def contour_sets(figure):
+    """The filled contours of each panel, read off the panels' colour bars, in the panels' order."""
+    return [ax._colorbar.mappable for ax in figure.axes if hasattr(ax, "_colorbar")]
+
+
+def band_holding(contours, point):
+    """The index of the band of filled contours whose region holds `point`."""
+    from matplotlib.path import Path
+
+    for band, polygons in enumerate(contours.allsegs):
+        if any(Path(polygon).contains_point(point) for polygon in polygons):
+            return band
+    return None
+
+
+def test_plane_figure_draws_the_surface_the_solutions_and_the_angle(tmp_path):
+    figure = render(draw_plane(plane_output(tmp_path / "abc")))
+    panels = [ax for ax in figure.axes if ax.get_xlabel().startswith("u")]
+    loss, error = contour_sets(figure)
+    assert len(panels) == 2 and [ax._colorbar.ax.get_ylabel() for ax in figure.axes if hasattr(ax, "_colorbar")] \
+        == ["train loss (nats)", "test error (%)"]
+    losses = [plane_loss(u, v) for v in PLANE_VS for u in PLANE_US]
+    assert loss.levels[0] == pytest.approx(min(losses)) and loss.levels[-1] == pytest.approx(max(losses))
+    ratios = np.diff(np.log(loss.levels))
+    assert np.allclose(ratios, ratios[0])  # log levels: each band the same factor
+    assert band_holding(loss, (2.0, 1.5)) == 0  # the lowest loss in the lowest band, where it is
+    assert band_holding(loss, (-1.0 + 1e-3, -0.5 + 1e-3)) == len(loss.levels) - 2  # the highest, in a corner
+    errors = [100 * (0.2 + 0.05 * u + 0.02 * v) for v in PLANE_VS for u in PLANE_US]  # percent
+    assert error.levels[0] <= min(errors) < error.levels[1] and error.levels[-2] < max(errors) <= error.levels[-1]
+    assert np.allclose(np.diff(error.levels), np.diff(error.levels)[0])
+    for ax in panels:
+        assert ax.get_xlim() == pytest.approx((-1, 5)) and ax.get_ylim() == pytest.approx((-0.5, 2.5))
+        dots = [l for l in ax.get_lines() if l.get_marker() == "o"][0]
+        assert dots.get_xydata().tolist() == [[0, 0], [4, 0], [1, 3]]
+        edges = [l for l in ax.get_lines() if l.get_linestyle() == "--"][0]
+        assert edges.get_xydata().tolist() == [[0, 0], [4, 0], [1, 3], [0, 0]]
+        assert [t.get_text() for t in ax.texts] == ["A", "B", "C"]
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[:3] == ["A: ELR 0.0003 s0 @900", "B: ELR 0.0003 s1 @900", "C: ELR 0.0003 s2 @900"]
+    assert "cos(angle at A) = 0.316" in legend[3]
+    assert "synthetic data (500 train images)" in suptitle(figure)
+
+
+def test_plane_kind_draws_the_column_asked(tmp_path):
+    folder = plane_output(tmp_path / "abc")
+    out = plot([folder], "plane", out=str(tmp_path / "gm.png"), y="gm")
+    assert drawn(out)
+    figure = render(draw_plane(folder, ("gm",)))
+    (gm,) = contour_sets(figure)
+    assert gm.levels[0] == pytest.approx(1.25) and gm.levels[-1] == pytest.approx(26.0)  # 1 + u^2
+    with pytest.raises(SphrunError, match="has no column nosuch"):
+        plot([folder], "plane", out=str(tmp_path / "x.png"), y="nosuch")
+    with pytest.raises(SphrunError, match="--x applies to the phase and curvature kinds, not to plane"):
+        plot([folder], "plane", out=str(tmp_path / "x.png"), x="u")
+    assert sorted(os.listdir(tmp_path)) == ["abc", "gm.png"]
+
+
+def write_density(run, curves):
+    """RUN/hessian-density.csv of {step: (eigenvalues, densities)}."""
+    write_csv(os.path.join(run, "hessian-density.csv"),
+              [{"iter": step, "eigenvalue": e, "density": d} for step, curve in sorted(curves.items())
+               for e, d in zip(*curve)])
+
+
+def bump(centre, height, count=51):
+    """A curve peaking at `centre`, its values spanning 10 decades below `height`."""
+    eigenvalues = np.linspace(centre - 5, centre + 5, count)
+    return list(eigenvalues), list(height * np.exp(-(eigenvalues - centre) ** 2 / 1.1))
+
+
+def test_spectrum_of_several_runs_draws_each_at_its_last_step_in_its_elrs_colour(handmade, capsys):
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    root, _ = handmade
+    runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
+    measured = {runs[0].path: {100: bump(0, 1.0), 1100: bump(1, 2.0)}, runs[-1].path: {500: bump(3, 0.5)}}
+    for path, curves in measured.items():
+        write_density(path, curves)
+    figure = render(spectrum_figure(runs))
+    ax = figure.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 2
+    norm, colours = LogNorm(min(SWEEP), max(SWEEP)), colormaps["viridis"]
+    for line, run, step in zip(lines, (runs[0], runs[-1]), (1100, 500)):
+        eigenvalues, density = measured[run.path][step]
+        assert list(line.get_xdata()) == pytest.approx(eigenvalues) and list(line.get_ydata()) == pytest.approx(density)
+        assert to_hex(line.get_color()) == to_hex(colours(norm(run.elr)))
+    assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((2e-6, 4.0))  # 1e-6 of the peak
+    assert ax.get_xlabel() == r"Hessian eigenvalue $\lambda$" and "density" in ax.get_ylabel()
+    assert "has no hessian-density.csv and is left out" in capsys.readouterr().err
+
+
+def test_spectrum_of_one_run_draws_each_step_early_to_late(handmade):
+    from matplotlib import colormaps
+
+    root, _ = handmade
+    run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
+    curves = {0: bump(0, 1.0), 600: bump(2, 1.0), 1100: bump(4, 1.0)}
+    write_density(run.path, curves)
+    lines = render(spectrum_figure([run])).axes[0].get_lines()
+    assert [line.get_xdata()[25] for line in lines] == pytest.approx([bump(c, 1)[0][25] for c in (0, 2, 4)])
+    early_to_late = [to_hex(colormaps["plasma"](f)) for f in (0.0, 600 / 1100, 1.0)]
+    assert [to_hex(line.get_color()) for line in lines] == early_to_late
+
+
+def test_spectrum_without_densities_is_one_line(handmade):
+    root, _ = handmade
+    with pytest.raises(SphrunError, match="no run has a hessian-density.csv"):
+        spectrum_figure(sweep_runs(root))
+
+
 def test_projection_figure_draws_the_mean_over_steps(handmade):
     root, written = handmade
     runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
@@ -484,8 +618,8 @@ FORK = 10
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Three tiny runs from one init, a fine-tune of the first (faked: a run whose config.json names a
-    parent and whose rows start at the fork, as `sphrun finetune` writes), curvature.csv files, and a
-    connect output beside them."""
+    parent and whose rows start at the fork, as `sphrun finetune` writes), curvature.csv and
+    hessian-density.csv files, and a connect output and a plane output (hand-written) beside them."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("plot")
     runs = root / "runs"
@@ -508,6 +642,9 @@ def sweep(tmp_path_factory):
                                          "test_err": 0.4, "gm": 2.0} for a in range(11)])
     connect_config = {"command": "connect", "a": {"settings": config["settings"]}}
     (connect / "config.json").write_text(json.dumps(connect_config))
+    plane_output(root / "plane" / "elr0.001@20--elr0.03@20--elr1@20")
+    for run in runs.iterdir():
+        write_density(run, {0: bump(0, 1.0), 20: bump(1, 2.0)})
     return root
 
 
@@ -544,7 +681,7 @@ def run_cli(monkeypatch, capsys, *args):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_draws_an_image(sweep, tmp_path, kind):
-    source = sweep / ("connect" if kind == "connect" else "runs")
+    source = sweep / (kind if kind in ("connect", "plane") else "runs")
     out = plot([str(source)], kind, out=str(tmp_path / f"{kind}.png"))
     assert drawn(out)
 

@@ -8,7 +8,7 @@ three ends are the init of seed 0 and two random directions from it, so nothing 
     python benchmarks/plane_points.py [--data-dir DIR] [--width 32] [--points 8] [--pack 4] [--device auto]
                                       [--threads N]
 
-Prints seconds per point of both forms and their ratio, which set connect.POINTS_PER_PASS. Measured on
+Prints seconds per point of both forms and their ratio (whence connect.POINTS_PER_PASS on the CPU). On
 a 2-core CPU, width 32, the 10 % CIFAR-10 subset, 4 points: 22.4 s per point one at a time, 18.4 s in a
 pack of 4 (1.21x), though a pack runs its members one after the other on the CPU (sphrun.packed).
 DIR is an ImageFolder tree (train/<class>/, test/<class>/), e.g. the 10 % CIFAR-10 subset; without it

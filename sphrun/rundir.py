@@ -305,7 +305,8 @@ class RunDir:
             return None, None
         raise SphrunError(f"{self.path} has a history but no checkpoint to resume it from (last.pt "
                           f"{problem}, no readable iter checkpoint with a metrics row): restore its "
-                          f"checkpoints from a copy, or delete {self.path} to train it again from its init")
+                          f"checkpoints and metrics.csv from a copy, or delete {self.path} to train it again "
+                          f"from its init")
 
     def remove_checkpoints_after(self, it):
         """Drop the iter checkpoints past step `it`, where a run resumes: the steps after it are trained

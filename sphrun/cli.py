@@ -646,7 +646,7 @@ def main():
 def run_app():
     import signal
 
-    from sphrun.train import Interrupted, StopNow  # imports torch, the slow part of starting
+    from sphrun.stopping import Interrupted, StopNow
 
     try:
         app()

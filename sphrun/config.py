@@ -166,3 +166,20 @@ def parse_subset(text):
     except ValueError:
         raise SphrunError(f"--subset must be a fraction like 0.1 or a count like 5000, got {text!r}")
     return value
+
+
+def evaluation_steps(origin, total, steps_per_epoch, eval_every=None):
+    """Steps at which a run starting at `origin` and ending at `total` is evaluated.
+
+    Log-spaced by default: every epoch for the first 10 epochs, then about 10 points per decade of
+    epochs (13, 16, 20, 25, 32, ...), and always the last step. `eval_every` steps otherwise.
+    """
+    if eval_every:
+        offsets = range(0, total - origin, eval_every)
+    else:
+        epochs, k = list(range(11)), 1
+        while epochs[-1] * steps_per_epoch < total - origin:
+            epochs.append(max(epochs[-1] + 1, round(10 ** (1 + k / 10))))
+            k += 1
+        offsets = [e * steps_per_epoch for e in epochs]
+    return sorted({origin + o for o in offsets if origin + o < total} | {total})

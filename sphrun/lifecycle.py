@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sphrun import SphrunError, __version__, noise
-from sphrun.config import TrainConfig
+from sphrun.config import TrainConfig, evaluation_steps
 from sphrun.data import BatchOrder, load_data
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import message
@@ -290,8 +290,6 @@ def open_member(config, path, total, start=None, steps_per_epoch=None):
     that metrics.csv has every row up to there. A directory whose run stopped before its first
     checkpoint (killed, or a crash in its first evaluation) holds nothing worth keeping: it starts again
     from its beginning."""
-    from sphrun.train import evaluation_steps  # train imports this module
-
     member = Member(config, RunDir(path), start=start)
     run = member.run
     if run.exists():

@@ -21,92 +21,14 @@ import time
 import torch
 
 from sphrun import SphrunError
+from sphrun.config import evaluation_steps
 from sphrun.lifecycle import default_run_path, open_runs, prepare
 from sphrun.rundir import CannotWrite
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
 from sphrun.sphere import global_norm
-
-
-class Interrupted(Exception):
-    """Training stopped by a signal (Ctrl-C, SIGTERM, SIGUSR1): the state was saved and the run marked
-    interrupted. The process exits with 128 + the signal's number, as a shell reports a signal."""
-
-    def __init__(self, text, signum=signal.SIGINT):
-        super().__init__(text)
-        self.signum = int(signum)
-
-
-class StopNow(Exception):
-    """A stop signal met where the loop cannot finish its step first: a second one (the user or the
-    scheduler insists), or SIGTERM or SIGUSR1 outside the loop. The command stops at once, without saving."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = int(signum)
-
-
-# SIGTERM: a scheduler's stop (SLURM at its time limit or on preemption, then SIGKILL after a grace
-# period); SIGUSR1: the notice `#SBATCH --signal=USR1@60` sends ahead of the limit.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
-                     if hasattr(signal, name))
-
-
-def evaluation_steps(origin, total, steps_per_epoch, eval_every=None):
-    """Steps at which a run starting at `origin` and ending at `total` is evaluated.
-
-    Log-spaced by default: every epoch for the first 10 epochs, then about 10 points per decade of
-    epochs (13, 16, 20, 25, 32, ...), and always the last step. `eval_every` steps otherwise.
-    """
-    if eval_every:
-        offsets = range(0, total - origin, eval_every)
-    else:
-        epochs, k = list(range(11)), 1
-        while epochs[-1] * steps_per_epoch < total - origin:
-            epochs.append(max(epochs[-1] + 1, round(10 ** (1 + k / 10))))
-            k += 1
-        offsets = [e * steps_per_epoch for e in epochs]
-    return sorted({origin + o for o in offsets if origin + o < total} | {total})
-
-
-class StopRequest:
-    """Turns the first stop signal (STOP_SIGNALS) into a flag the loop checks between steps, so a step is
-    never cut in half; a second one raises StopNow."""
-
-    def __init__(self):
-        self.signum = None
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise StopNow(signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def stopping_at_once():
-    """Outside the loop (loading data, a first evaluation) SIGTERM and SIGUSR1 stop a training command at
-    once, as Ctrl-C does there (KeyboardInterrupt), so that its runs are marked interrupted, not killed."""
-    def handle(signum, frame):
-        raise StopNow(signum)
-    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS if s != signal.SIGINT}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+from sphrun.stopping import Interrupted, StopNow, StopRequest, stopping_at_once
 
 
 # --- which runs train, and in which passes ---------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 
 from sphrun import SphrunError
 from sphrun.config import evaluation_steps
+from sphrun.fitting import halving_on_oom, pass_size
 from sphrun.lifecycle import default_run_path, open_runs, prepare
 from sphrun.rundir import CannotWrite
 from sphrun.metrics import cosine, eval_metrics, train_metrics
@@ -79,12 +80,15 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
                 message(m.note)
             if m.status == "done" and m.stored["status"] != "done":  # stopped at its last step
                 m.run.set_status("done")
-        groups = passes([m for m in runs.members if m.status == "running"], pack or len(runs.members))
+        running = [m for m in runs.members if m.status == "running"]
+        size, fits = pass_size(running, runs.data, runs.device, pack)  # on a GPU, what fits its memory
+        groups = passes(running, size)
         for number, group in enumerate(groups, 1):
             order = runs.orders[group[0].config.data_seed]
             message(announcement(group, runs.total, order, runs.device) +
-                    (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
-            train_pass(group, runs.data, runs.identity, order, runs.device, runs.total, argv)
+                    (f": pass {number} of {len(groups)}" if len(groups) > 1 else "") + fits)
+            halving_on_oom(lambda part: train_pass(part, runs.data, runs.identity, order, runs.device, runs.total,
+                                                   argv), group)
     return [(m.run, m.status) for m in runs.members]
 
 

@@ -24,7 +24,9 @@ Inside `emulated_cuda()`:
   each result written into the memory the capture gave it. A random-number op, a host sync or a
   host-to-device copy inside the capture raises, as on a GPU (F.one_hot's bounds check, which runs on
   the CPU only, aside). `g.kernels()` are the recorded ops that launch work (not views, not
-  allocations); `g.reset()` drops the recording, and with it the memory the capture gave its results;
+  allocations); `g.reset()` drops the recording, and with it the memory the capture gave its results,
+  which happens too once sphrun drops the graph (as a real graph's memory pool goes with it), while the
+  emulator keeps it, reset, for the tests (`graphs`: every graph made, with its replays);
 - device memory is counted: the bytes of live device storages (`allocated`, its `peak`), reported by
   torch.cuda.mem_get_info, memory_allocated and max_memory_allocated out of `total_memory` (80 GiB
   unless a test sets less); an allocation past it raises torch.cuda.OutOfMemoryError, as a GPU does;
@@ -393,6 +395,17 @@ class Graph:
 
 
 
+class GraphHandle:
+    """What torch.cuda.CUDAGraph() gives sphrun: its Graph, reset once sphrun drops the handle."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        weakref.finalize(self, graph.reset)
+
+    def __getattr__(self, name):
+        return getattr(self.graph, name)
+
+
 def invalidated_capture(graph):
     """A fault: the capture raises at its end, as a real one does that an illegal op invalidated."""
     raise RuntimeError("CUDA error: operation failed due to a previous error during capture\n"
@@ -434,7 +447,7 @@ def emulated_cuda(monkeypatch):
         (torch.cuda, "max_memory_allocated"): lambda device=None: emulator.peak,
         (torch.cuda, "reset_peak_memory_stats"): lambda device=None: setattr(emulator, "peak", emulator.allocated),
         (torch.cuda, "empty_cache"): lambda: None,
-        (torch.cuda, "CUDAGraph"): lambda *a, **k: Graph(emulator),
+        (torch.cuda, "CUDAGraph"): lambda *a, **k: GraphHandle(Graph(emulator)),
         (torch.cuda, "graph"): lambda graph, *a, **k: graph.capture(),
         (torch._C, "_cuda_setDevice"): lambda index: None,
         (torch, "autocast"): lambda device_type, *a, **k: real_autocast(

@@ -53,12 +53,12 @@ def rows(out):
 
 
 def spread(a, b):
-    """Largest differences between the runs in folders a and b: {(step 0 or later, column): value},
-    values relative, errors in images."""
+    """Largest differences between the runs in folders a and b: {(step, column): value}, values
+    relative, errors in images."""
     worst = {}
     for (rows_a, stored), (rows_b, _) in zip(rows(a), rows(b)):
-        for i, (ra, rb) in enumerate(zip(rows_a, rows_b)):
-            when = "step 0" if i == 0 else "later"
+        for ra, rb in zip(rows_a, rows_b):
+            when = f"step {int(ra['iter'])}"
             for c in gpu_check.COLUMNS:
                 scale = max(abs(ra[c]), abs(rb[c]))
                 value = abs(ra[c] - rb[c]) / scale if scale else 0.0
@@ -69,11 +69,10 @@ def spread(a, b):
 
 
 def show(name, what, worst):
-    for when in ("step 0", "later"):
+    for when in dict.fromkeys(w for w, _ in worst):
         values = {c: v for (w, c), v in worst.items() if w == when}
-        if values:
-            print(f"  {what}, {when}: " + ", ".join(
-                f"{c} {v:.0f} images" if c.endswith("_err") else f"{c} {v:.2g}" for c, v in values.items()))
+        print(f"  {what}, {when}: " + ", ".join(
+            f"{c} {v:.0f} images" if c in ("train_err", "test_err") else f"{c} {v:.2g}" for c, v in values.items()))
 
 
 def main():

@@ -10,6 +10,7 @@ try:  # Ctrl-C while the command starts: one line, as main() says it later, not 
 
     from sphrun import SphrunError, __version__
     from sphrun.config import TrainConfig, parse_subset
+    from sphrun.phases import HELP as PHASES_HELP
     from sphrun.progress import message
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
@@ -403,7 +404,9 @@ def finetune(
     message(f"{child}: {status}")
 
 
-@app.command(cls=Command, short_help="Draw the paper's figures from runs, and classify their phases.")
+@app.command(cls=Command, short_help="Draw the paper's figures from runs, and classify their phases.",
+             help="Draw the paper's figures from run directories, and tell which phase each run is in.\n\n"
+                  + PHASES_HELP)
 def plot(
     paths: list[str] = typer.Argument(
         ..., metavar="RUN_OR_DIR",
@@ -438,29 +441,6 @@ def plot(
              "cosines in one box per ELR, phase draws one line per seed in the group's colour, and the phase "
              "table has one row per group. --no-aggregate draws every run alone."),
 ):
-    """Draw the paper's figures from run directories, and tell which phase each run is in.
-
-    --kind metrics prints, and writes as CSV beside the figure, one row per group of seeds (per ELR, and
-    per loss or parent where lines differ): the number of seeds, the phase of each, the majority phase
-    with how many seeds have it (agreement, e.g. 2 (3/3); a tie is undecided), the mean and standard
-    deviation over the seeds of the final metrics, and the evidence. Borders between phases are taken
-    between groups by their majority phase. The phase of a run is read from its later half (evaluation
-    points at or after its middle step), the rules tried in this order:
-
-    3 (divergence): the train error stays at chance, at least 90 % of 1 - 1/C at every point, and
-    neighbouring checkpoints are uncorrelated, median |cos_prev| under 0.2.
-
-    1 (convergence): the train error reached 0, or fell by a third or more over the later half, or the
-    weights turned less than 0.5 rad in all over it (the sum of the angles between neighbouring
-    checkpoints) while the train error is below chance (its median under 90 % of 1 - 1/C) and the train
-    loss is not rising.
-
-    2 (chaotic equilibrium): the train error is stuck clearly between 0 and chance (its median at least
-    1 % and under 90 % of 1 - 1/C, down by less than a quarter) while the weights turned 1 rad or more;
-    loss and GM may still settle.
-
-    undecided: fewer than 4 evaluation points in the later half, or no rule fits.
-    """
     from sphrun.plot import plot as draw
     from sphrun.rundir import check_output_file
 

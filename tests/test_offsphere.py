@@ -106,7 +106,8 @@ def test_cifar100_through_the_torchvision_loader(tmp_path, tiny):
     assert status == "done" and stored["num_classes"] == 100 and stored["train_size"] == 64
     assert final_state(tmp_path / "run")["head.weight"].shape == (100, 32)
     # the phase rules measure chance against 1 - 1/C: 85 % train error is chance for 10 classes, not 100
-    rows = [{"iter": i, "train_loss": 4.6, "train_err": 0.85, "gm": 1.0, "cos_prev": 0.0} for i in range(8)]
+    rows = [{"iter": i, "epoch": 3 * i, "train_loss": 4.6, "train_err": 0.85, "gm": 1.0, "cos_prev": 0.0}
+            for i in range(8)]  # 21 epochs: long enough for the rules
     assert classify(rows, 10).phase == "3" and classify(rows, 100).phase != "3"
 
 

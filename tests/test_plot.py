@@ -30,9 +30,10 @@ from sphrun.train import train
 # A sweep of five ELRs whose phases are plain by construction: phase 1 reaches zero train error with
 # nearly parallel checkpoints, phase 2 sits at a level well below chance, phase 3 sits at chance (90 %)
 # with uncorrelated checkpoints. Each run's values differ, so a figure that draws the wrong run, column or
-# row shows other numbers. Steps 0, 100, ..., 1100; the file's rows are shuffled, so its last row is
-# not the final one.
+# row shows other numbers. Steps 0, 100, ..., 1100 at 25 steps per epoch (44 epochs, the fine-tune 24:
+# long enough for the rules); the file's rows are shuffled, so its last row is not the final one.
 STEPS = list(range(0, 1200, 100))
+STEPS_PER_EPOCH = 25
 SWEEP = {1e-4: "1", 3e-4: "1", 3e-3: "2", 1e-2: "2", 1e-1: "3"}
 FT_ELR, FT_FROM, FT_PARENT = 3e-3, 500, 3e-4
 
@@ -56,7 +57,7 @@ def handmade_row(phase, elr, k):
         cos = 0.6 * c + wiggle(k, 0.02)
     else:
         loss, err, gm, cos = c * 8 * (1 + wiggle(k, 0.03)), 0.9 + wiggle(k, 0.003), c * 2000, wiggle(k, 0.01)
-    return {"iter": STEPS[k], "epoch": STEPS[k] / 100, "elr": elr, "train_loss": loss, "train_err": err,
+    return {"iter": STEPS[k], "epoch": STEPS[k] / STEPS_PER_EPOCH, "elr": elr, "train_loss": loss, "train_err": err,
             "test_loss": loss + 0.5, "test_err": min(1.0, err + 0.1), "gm": gm, "si_norm": 40.0,
             "cos_prev": 1.0 if k == 0 else cos, "cos_init": 1 - 0.01 * k, "proj_err": c * 1e-3 * (k % 3),
             "wall_s": 10.0 * k}

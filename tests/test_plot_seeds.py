@@ -21,6 +21,7 @@ from sphrun.plot import cosine_figure, metrics_figure, phase_figure, projection_
 from sphrun.runs import find_dirs, load_runs
 from sphrun.style import PHASE_COLORS
 
+# 25 steps per epoch: 44 epochs (a fine-tune from step 500, 24), long enough for the phase rules
 STEPS = [100 * k for k in range(12)]
 # the phase of seeds 0, 1, 2 at each ELR: all converge at 1e-3; at 1e-2 seed 0 random-walks and the others
 # settle in an equilibrium, so the group's majority phase is 2 with agreement 2/3 (and not seed 0's)
@@ -43,7 +44,7 @@ def metrics_row(phase, elr, seed, k, scale=1.0):
         cos = 0.6 + 0.02 * wiggle
     else:
         loss, err, gm, cos = level * 8 * (1 + 0.03 * wiggle), 0.9 + 0.003 * wiggle, level * 2000, 0.01 * wiggle
-    return {"iter": STEPS[k], "epoch": k, "elr": elr, "train_loss": loss, "train_err": err,
+    return {"iter": STEPS[k], "epoch": 4 * k, "elr": elr, "train_loss": loss, "train_err": err,
             "test_loss": loss + 0.5, "test_err": min(1.0, err + 0.05 + 0.02 * seed), "gm": gm, "si_norm": 40.0,
             "cos_prev": 1.0 if k == 0 else cos, "cos_init": 1 - 0.01 * k,
             "proj_err": 1e-3 * level * (1 + k % 3), "wall_s": 10.0 * k}

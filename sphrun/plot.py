@@ -15,15 +15,15 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from sphrun import SphrunError
-from sphrun.phases import group_table, majority_phase, report_phases, table_path_for
+from sphrun.phases import TOO_SHORT, UNDECIDED, group_table, majority_phase, report_phases, table_path_for
 from sphrun.progress import message
 from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, PLANE_MARKER, RUN_MARKER, connect_train_size, dataset_key,
                          describe_dataset, elr_text, find_dirs, find_settings, group_series, load_runs,
                          note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,
                          read_density, read_plane, require_columns, series_label)
 from sphrun.style import (BAND_ALPHA, BAND_EDGE, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, PHASE_EDGES,
-                          ReadableLogFormatter, ReadableLogLocator, axis_label, check_out, elr_norm, figure_legend,
-                          new_figure, phase_patches, save, set_scale, shown, styled)
+                          UNDECIDED_SHADE, ReadableLogFormatter, ReadableLogLocator, axis_label, check_out, elr_norm,
+                          figure_legend, new_figure, phase_patches, save, set_scale, shown, styled)
 
 PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
 BOX_SLOT = 0.8  # of the room between neighbouring ELRs on the cosine figure, shared by their boxes
@@ -347,6 +347,14 @@ def shade_phases(ax, series_rows):
     for row, lo, hi in zip(series_rows, edges, edges[1:]):
         if row["phase"] in PHASE_COLORS:
             ax.axvspan(lo, hi, color=PHASE_COLORS[row["phase"]], linewidth=0, zorder=0)
+        else:
+            ax.axvspan(lo, hi, **UNDECIDED_SHADE, linewidth=0, zorder=0)
+
+
+def undecided_label(row):
+    """A group without a phase as the legend names it: 'undecided', or why, when its runs are too short
+    (its agreement says 'undecided (too short: 10 epochs, needs 20)')."""
+    return row["agreement"] if TOO_SHORT in row["agreement"] else UNDECIDED
 
 
 @styled
@@ -369,7 +377,8 @@ def metrics_figure(runs, table, aggregate=True):
         ax.set_ylabel(axis_label(column, losses, short=True))
         ax.set_xlabel("ELR")
     handles, labels = axes[0, 0].get_legend_handles_labels() if len(series) > 1 else ([], [])
-    patches = phase_patches([row["phase"] for row in shaded])
+    patches = phase_patches([row["phase"] for row in shaded],
+                            undecided=[undecided_label(row) for row in shaded if row["phase"] not in PHASE_COLORS])
     handles, labels = handles + patches, labels + [p.get_label() for p in patches]
     seeds = {len(group.runs) for line in series for group in line}
     if max(seeds) > 1:  # a key to the lines and bands, drawn as the first line is

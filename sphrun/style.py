@@ -26,6 +26,7 @@ STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.fonts
 ELR_COLORS = "viridis"
 PHASE_COLORS = {"1": "#d6ecd2", "2": "#fbe3c0", "3": "#f4cccc"}  # pale: shading, fills
 PHASE_EDGES = {"1": "#3f8a36", "2": "#c77a10", "3": "#b8413f"}  # the same hues, dark: lines, outlines
+UNDECIDED_SHADE = {"facecolor": "#f2f2f2", "edgecolor": "#b8b8b8", "hatch": "////"}  # no verdict: grey, hatched
 LOSS_MARKERS = {"ce": "o", "mse": "s"}
 PERCENT_COLUMNS = ("train_err", "test_err", "proj_err")  # fractions in the files, % on the axes
 LABELS = {
@@ -192,10 +193,12 @@ def elr_norm(elrs):
     return LogNorm(low, high)
 
 
-def phase_patches(phases, outlined=False):
-    """Legend entries of the phases present; `outlined` as boxes are drawn, in the dark hue too."""
-    return [Patch(facecolor=PHASE_COLORS[p], edgecolor=PHASE_EDGES[p] if outlined else "none", label=f"phase {p}")
-            for p in sorted(set(phases) & set(PHASE_COLORS))]
+def phase_patches(phases, outlined=False, undecided=()):
+    """Legend entries of the phases present; `outlined` as boxes are drawn, in the dark hue too; then one
+    of the undecided shading for each of the `undecided` labels."""
+    return ([Patch(facecolor=PHASE_COLORS[p], edgecolor=PHASE_EDGES[p] if outlined else "none", label=f"phase {p}")
+             for p in sorted(set(phases) & set(PHASE_COLORS))]
+            + [Patch(**UNDECIDED_SHADE, linewidth=0, label=label) for label in dict.fromkeys(undecided)])
 
 
 def figure_legend(figure, handles, labels=None):

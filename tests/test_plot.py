@@ -22,7 +22,7 @@ from sphrun.phases import group_table
 from sphrun.plot import (KINDS, cosine_figure, draw_connect, draw_plane, metrics_figure, phase_figure, plot,
                          projection_figure, spectrum_figure, with_curvature)
 from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows
-from sphrun.style import PHASE_COLORS, PHASE_EDGES, STYLE, figure_legend, new_figure, set_scale
+from sphrun.style import PHASE_COLORS, PHASE_EDGES, STYLE, UNDECIDED_SHADE, figure_legend, new_figure, set_scale
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
@@ -192,6 +192,24 @@ def test_metrics_shading_claims_no_phase_past_the_outermost_elrs(handmade):
         assert max(s[1] for s in spans) == pytest.approx(max(SWEEP)), ax.get_ylabel()
         low, high = ax.get_xlim()
         assert low < min(SWEEP) and high > max(SWEEP)  # the axis goes on, unshaded, where nothing was run
+
+
+def test_a_sweep_too_short_for_the_rules_is_undecided_in_the_table_and_on_the_figure(tmp_path):
+    """The hand-made sweep, its phases plain, evaluated over 10 epochs instead of 44: phase 2 may still be
+    settling in its later half (the paper: within 5-10 epochs), so no group gets a phase, and the
+    figure shades none, but says why."""
+    for elr, phase in SWEEP.items():
+        rows = [dict(row, epoch=row["iter"] / 110) for row in handmade_rows(phase, elr)]  # 0 to 10 epochs
+        write_run(tmp_path / run_name(elr), elr, rows)
+    runs = sweep_runs(tmp_path)
+    table = group_table(runs)
+    why = "undecided (too short: 10 epochs, needs 20)"
+    assert [(row["phase"], row["agreement"]) for row in table] == [("undecided", why)] * len(SWEEP)
+    assert all(row["evidence"] == "too short: 10 epochs, needs 20" for row in table)
+    figure = render(metrics_figure(runs, table))
+    for ax in figure.axes:
+        assert {band_colour(ax, elr) for elr in SWEEP} == {UNDECIDED_SHADE["facecolor"]}, ax.get_ylabel()
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [why]
 
 
 def test_metrics_writes_and_prints_the_phase_table(handmade, tmp_path, monkeypatch, capsys):

@@ -18,7 +18,7 @@ from sphrun import SphrunError
 from sphrun.phases import TOO_SHORT, UNDECIDED, group_table, majority_phase, report_phases, table_path_for
 from sphrun.progress import message
 from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, PLANE_MARKER, RUN_MARKER, connect_train_size, dataset_key,
-                         describe_dataset, elr_text, find_dirs, find_settings, group_series, load_runs,
+                         describe_dataset, elr_text, epoch_at, find_dirs, find_settings, group_series, load_runs,
                          note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,
                          read_density, read_plane, require_columns, series_label)
 from sphrun.style import (BAND_ALPHA, BAND_EDGE, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, PHASE_EDGES,
@@ -308,31 +308,63 @@ def with_density(runs):
 def spectrum_figure(runs):
     """The Hessian's eigenvalue density (Ghorbani, Krishnan and Xiao 2019, figure 1) on a log density axis,
     which shows the bulk near 0 and the outliers alike: of several runs, each at its last measured step
-    in the colour of its ELR (as the phase diagram), or of one run, at each measured step, early to late."""
+    in the colour of its ELR (as the phase diagram), or of one run at each measured step, early to late;
+    the legend says which steps."""
     curves = with_density(runs)
     runs = [run for run in runs if run.path in curves]
     figure, axes = new_figure(height=2.6)
     ax = axes[0, 0]
-    if len(runs) == 1 and len(curves[runs[0].path]) > 1:
-        by_step = curves[runs[0].path]
-        colors = ScalarMappable(norm=Normalize(min(by_step), max(by_step)), cmap=STEP_COLORS)
-        drawn = [(colors.to_rgba(step), curve) for step, curve in sorted(by_step.items())]
-        figure.colorbar(colors, ax=ax, label=axis_label("iter"))
+    if len(runs) == 1:
+        drawn, key = one_runs_spectra(figure, ax, runs[0], curves[runs[0].path])
     else:
         colors = ScalarMappable(norm=elr_norm([r.elr for r in runs]), cmap=ELR_COLORS)
         drawn = [(colors.to_rgba(run.elr), curves[run.path][max(curves[run.path])]) for run in runs]
         figure.colorbar(colors, ax=ax, label="ELR")
-    for color, curve in drawn:
-        ax.plot(curve.eigenvalues, curve.density, color=color)
+        key = f"each run at {steps_text([(run, max(curves[run.path])) for run in runs])}"
     peak = max(max(curve.density) for _, curve in drawn)
+    floor = DENSITY_FLOOR * peak
+    for color, curve in drawn:
+        ax.plot(*to_floor(curve, floor), color=color)
     ax.set_yscale("log")
-    ax.set_ylim(DENSITY_FLOOR * peak, 2 * peak)
+    ax.set_ylim(floor, 2 * peak)
     ax.set_xlabel(r"Hessian eigenvalue $\lambda$")
     ax.set_ylabel(r"density (1 / $\lambda$)")
     ax.set_title(title(runs))
-    if len(drawn) > 1 and len(runs) > 1:
-        figure_legend(figure, [Line2D([], [], color="0.3", label="each run at its last measured step")])
+    figure_legend(figure, [Line2D([], [], color=drawn[-1][0] if len(drawn) == 1 else "0.3", label=key)])
     return figure
+
+
+def one_runs_spectra(figure, ax, run, by_step):
+    """(colour, curve) of one run's densities, and the legend's words for them: at one step, in the first
+    colour of the cycle; at several, early to late along a colour bar of the steps."""
+    if len(by_step) == 1:
+        (step, curve), = by_step.items()
+        return [("C0", curve)], f"ELR {elr_text(run.elr)} at {steps_text([(run, step)])}"
+    colors = ScalarMappable(norm=Normalize(min(by_step), max(by_step)), cmap=STEP_COLORS)
+    figure.colorbar(colors, ax=ax, label=axis_label("iter"))
+    return ([(colors.to_rgba(step), curve) for step, curve in sorted(by_step.items())],
+            f"ELR {elr_text(run.elr)}, one line per measured step")
+
+
+def steps_text(measured):
+    """'step 60 (epoch 20)' when every (run, step) is at the same step, else 'its last step: 60 to 90 (epochs
+    20 to 30)': where the drawn densities were measured."""
+    steps = sorted({step for _, step in measured})
+    epochs = sorted({epoch_at(run, step) for run, step in measured} - {None})
+    in_epochs = "" if not epochs else (f" (epoch {epochs[0]:.4g})" if len(epochs) == 1
+                                       else f" (epochs {epochs[0]:.4g} to {epochs[-1]:.4g})")
+    if len(steps) == 1:
+        return f"step {steps[0]}{in_epochs}"
+    return f"its last step: {steps[0]} to {steps[-1]}{in_epochs}"
+
+
+def to_floor(curve, floor):
+    """A density's points to draw, each end dropped below the axis' floor: its grid stops 5 smoothing widths
+    past the outermost Ritz values, where the density may still be just above the floor, and a tail
+    left there would stop in mid-air."""
+    below = floor / 10  # under the axis: the line leaves it at the floor, as the curve's other tails do
+    eigenvalues = [curve.eigenvalues[0], *curve.eigenvalues, curve.eigenvalues[-1]]
+    return eigenvalues, [below, *np.maximum(curve.density, below), below]
 
 
 # --- final metrics and phases against the ELR -----------------------------------------------------------

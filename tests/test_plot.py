@@ -499,6 +499,13 @@ def bump(centre, height, count=51):
     return list(eigenvalues), list(height * np.exp(-(eigenvalues - centre) ** 2 / 1.1))
 
 
+def drawn_curve(ax, line):
+    """(x, y) of a density's line within the axis, and its two ends (x, y) as drawn."""
+    floor = ax.get_ylim()[0]
+    x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    return x[y >= floor], y[y >= floor], (x[0], y[0]), (x[-1], y[-1])
+
+
 def test_spectrum_of_several_runs_draws_each_at_its_last_step_in_its_elrs_colour(handmade, capsys):
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
@@ -514,12 +521,48 @@ def test_spectrum_of_several_runs_draws_each_at_its_last_step_in_its_elrs_colour
     assert len(lines) == 2
     norm, colours = LogNorm(min(SWEEP), max(SWEEP)), colormaps["viridis"]
     for line, run, step in zip(lines, (runs[0], runs[-1]), (1100, 500)):
-        eigenvalues, density = measured[run.path][step]
-        assert list(line.get_xdata()) == pytest.approx(eigenvalues) and list(line.get_ydata()) == pytest.approx(density)
+        eigenvalues, density = np.array(measured[run.path][step])
+        x, y, _, _ = drawn_curve(ax, line)
+        above = density >= 2e-6
+        assert list(x) == pytest.approx(eigenvalues[above]) and list(y) == pytest.approx(density[above])
         assert to_hex(line.get_color()) == to_hex(colours(norm(run.elr)))
     assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((2e-6, 4.0))  # 1e-6 of the peak
     assert ax.get_xlabel() == r"Hessian eigenvalue $\lambda$" and "density" in ax.get_ylabel()
+    legend = [" ".join(t.get_text().split()) for t in figure.legends[0].get_texts()]
+    assert legend == ["each run at its last step: 500 to 1100 (epochs 20 to 44)"]
+    assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "ELR"  # a colour bar of the ELRs
     assert "has no hessian-density.csv and is left out" in capsys.readouterr().err
+
+
+def test_spectrum_of_one_run_at_one_step_names_it_without_a_colour_bar(handmade):
+    root, _ = handmade
+    run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
+    write_density(run.path, {1100: bump(1, 2.0)})
+    figure = render(spectrum_figure([run]))
+    assert len(figure.axes) == 1  # one ELR: no colour bar to read it off
+    (line,) = figure.axes[0].get_lines()
+    legend = figure.legends[0]
+    # the step and its epoch (25 steps per epoch), and the run's ELR
+    assert [t.get_text() for t in legend.get_texts()] == ["ELR 0.0003 at step 1100 (epoch 44)"]
+    assert to_hex(legend.legend_handles[0].get_color()) == to_hex(line.get_color())
+    assert "step" not in suptitle(figure) + figure.axes[0].get_title()  # said once
+
+
+def test_every_spectrum_tail_reaches_the_axis_floor(handmade):
+    """A density sampled only down to 1e-5 of its peak on its left (as sphrun's grid, 5 smoothing widths past
+    the outermost Ritz values, may stop above the floor 1e-6 of the peak): the line still meets the floor."""
+    root, _ = handmade
+    run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
+    eigenvalues, density = bump(0, 1.0, count=101)
+    cut = next(i for i, d in enumerate(density) if d >= 1e-5)
+    write_density(run.path, {1100: (eigenvalues[cut:], density[cut:])})
+    ax = render(spectrum_figure([run])).axes[0]
+    (line,) = ax.get_lines()
+    floor = ax.get_ylim()[0]
+    x, y, first, last = drawn_curve(ax, line)
+    assert first[0] == pytest.approx(eigenvalues[cut]) and first[1] <= floor  # dropped to the floor where it stops
+    assert last[0] == pytest.approx(eigenvalues[-1]) and last[1] <= floor
+    assert list(y) == pytest.approx([d for d in density[cut:] if d >= floor])  # the curve itself as measured
 
 
 def test_spectrum_of_one_run_draws_each_step_early_to_late(handmade):
@@ -529,10 +572,13 @@ def test_spectrum_of_one_run_draws_each_step_early_to_late(handmade):
     run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
     curves = {0: bump(0, 1.0), 600: bump(2, 1.0), 1100: bump(4, 1.0)}
     write_density(run.path, curves)
-    lines = render(spectrum_figure([run])).axes[0].get_lines()
-    assert [line.get_xdata()[25] for line in lines] == pytest.approx([bump(c, 1)[0][25] for c in (0, 2, 4)])
+    figure = render(spectrum_figure([run]))
+    lines = figure.axes[0].get_lines()
+    assert [line.get_xdata()[26] for line in lines] == pytest.approx([bump(c, 1)[0][25] for c in (0, 2, 4)])
     early_to_late = [to_hex(colormaps["plasma"](f)) for f in (0.0, 600 / 1100, 1.0)]
     assert [to_hex(line.get_color()) for line in lines] == early_to_late
+    assert figure.axes[1].get_ylabel() == "SGD steps"  # the colour bar of the steps
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["ELR 0.0003, one line per measured step"]
 
 
 def test_spectrum_without_densities_is_one_line(handmade):

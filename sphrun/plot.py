@@ -13,6 +13,7 @@ from matplotlib.colors import LogNorm, Normalize, to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from matplotlib.tri import CubicTriInterpolator, Triangulation
 
 from sphrun import SphrunError
 from sphrun.phases import TOO_SHORT, UNDECIDED, group_table, majority_phase, report_phases, table_path_for
@@ -32,6 +33,9 @@ LONE_BAND = 1.2  # a single ELR's phase is shaded this factor either side of it,
 NEAR_BOUND = 0.5  # of the cosines' spread: 0 (uncorrelated) or 1 (parallel) that near them stays in view
 SURFACE_LEVELS = 12  # filled contour levels of a panel of the plane
 SURFACE_COLORS = "viridis"
+ROUND_STEPS = [1, 2, 2.5, 5, 10]  # times a power of ten: the plane's even levels and colour-bar ticks
+DRAWN_GRID = 201  # points per axis the plane's surface is drawn on, interpolated from the measured grid
+PLANE_LAYOUT = {False: (2.3, 1.4), True: (1.4, 1.95)}  # inches: a panel's width, the room around: alone, two
 LOG_COLUMNS = ("train_loss", "test_loss", "gm")  # drawn on log scales (levels) where all positive
 DENSITY_FLOOR = 1e-6  # of the highest density: the bottom of the spectrum's log axis
 STEP_COLORS = "plasma"  # one run's densities at several steps, early to late
@@ -117,8 +121,9 @@ def plane_figure(folder, out_path, columns=("train_loss", "test_err")):
 @styled
 def draw_plane(folder, columns=("train_loss", "test_err")):
     """Filled contours of each of `columns` over the plane through three solutions (Garipov et al. 2018,
-    figure 1), one panel each: log levels for losses and GM, even ones for errors (%); the solutions
-    marked and named, the segments between them dashed, the cosine of the angle at A in the legend."""
+    figure 1), one panel each, side by side: log levels for losses and GM, even ones for errors (%); the
+    solutions marked and named, the segments between them dashed, the cosine of the angle at A and the
+    measured grid in the legend."""
     config = read_connect_config(folder)
     us, vs, values = read_plane(folder)
     unknown = [c for c in columns if c not in values]
@@ -134,38 +139,71 @@ def draw_plane(folder, columns=("train_loss", "test_err")):
     points = np.array([[0.0, 0.0], corners[0], corners[1]])
     settings = find_settings(config) or {}
     losses = [settings["loss"]] if "loss" in settings else []
-    # each panel as wide as the column allows, as tall as the plane's shape then wants (equal axes)
+    # equal axes: each panel as tall as the plane's shape wants at the width it gets, plus the room of the
+    # title, colour bars (above two panels, beside one), axis labels and legend
+    width, room = PLANE_LAYOUT[len(columns) > 1]
     shape = (vs[-1] - vs[0]) / (us[-1] - us[0])
-    figure, axes = new_figure(len(columns), 1, height=len(columns) * (0.5 + 2.3 * min(max(shape, 0.35), 1.3)) + 1.0)
-    for ax, column in zip(axes[:, 0], columns):
-        z = shown(column, values[column])
-        levels, norm = surface_levels(z, log=column in LOG_COLUMNS)
-        filled = ax.contourf(us, vs, z, levels=levels, norm=norm, cmap=SURFACE_COLORS, extend="neither")
-        bar = figure.colorbar(filled, ax=ax, label=axis_label(column, losses, short=True))
-        if isinstance(norm, LogNorm):  # a few nice labelled values, not all the levels
-            bar.locator, bar.formatter = ReadableLogLocator(), ReadableLogFormatter()
+    figure, axes = new_figure(1, len(columns), height=width * min(max(shape, 0.35), 1.3) + room)
+    for ax, column in zip(axes[0], columns):
+        draw_surface(figure, ax, us, vs, shown(column, values[column]), column, losses,
+                     bar_at="top" if len(columns) > 1 else "right")
         draw_triangle(ax, points)
         ax.set_xlim(us[0], us[-1])
         ax.set_ylim(vs[0], vs[-1])
         ax.set_aspect("equal")
-        ax.set_xlabel("u: along B - A (weight-space distance)")
-        ax.set_ylabel("v: toward C")
-    handles = [Line2D([], [], marker=f"${letter}$", color="black", linestyle="none", label=label)
-               for letter, label in zip("ABC", labels)]
+        ax.set_xlabel("u: along B - A")
+    axes[0, 0].set_ylabel("v: toward C")
+    handles = [Line2D([], [], marker="o", markerfacecolor="white", markeredgecolor="black", color="black",
+                      linestyle="none", label=label) for label in labels]
     handles.append(Line2D([], [], color="black", linestyle="--",
                           label=f"segments between them; cos(angle at A) = {config['basis']['cos_a']:.3f}"))
+    smooth = all(np.isfinite(values[column]).all() for column in columns)  # as `interpolated` draws them
+    handles.append(Line2D([], [], linestyle="none", label=f"u, v in weight space; {len(us)} x {len(vs)} grid"
+                                                          + (", interpolated" if smooth else "")))
     figure_legend(figure, handles)
-    text = "The plane through three solutions"
     if settings:
         data = describe_dataset(settings.get("dataset"), connect_train_size(config))
-        text += "\n" + heading(data, {settings["loss"]}, {(settings.get("model", "convnet"), settings.get("width"))})
-    figure.suptitle(text)
+        model = (settings.get("model", "convnet"), settings.get("width"))
+        figure.suptitle(heading(data, {settings["loss"]}, {model}))
     return figure
+
+
+def draw_surface(figure, ax, us, vs, z, column, losses, bar_at):
+    """Filled contours of the measured grid z (rows by v, columns by u) on its levels, drawn interpolated,
+    with a colour bar (`bar_at` the panel's top or right) labelled at round values."""
+    levels, norm = surface_levels(z, log=column in LOG_COLUMNS)
+    filled = ax.contourf(*interpolated(us, vs, z, isinstance(norm, LogNorm)), levels=levels, norm=norm,
+                         cmap=SURFACE_COLORS, extend="neither")
+    bar = figure.colorbar(filled, ax=ax, location=bar_at, label=axis_label(column, losses, short=True))
+    if isinstance(norm, LogNorm):  # a few nice labelled values, not all the levels
+        bar.locator, bar.formatter = ReadableLogLocator(), ReadableLogFormatter()
+    else:
+        bar.locator = MaxNLocator(nbins=5, steps=ROUND_STEPS)
+
+
+def interpolated(us, vs, z, log):
+    """(u, v, z) to draw: the measured grid interpolated on a DRAWN_GRID x DRAWN_GRID one by a C1 cubic over
+    its cells' triangles (of log z for log levels), kept within the measured range, so that a coarse grid
+    draws curved contours and no band that was not measured, not the facets of linear interpolation. A
+    grid with a non-finite point is drawn as measured."""
+    if not np.isfinite(z).all():
+        return us, vs, z
+    values = np.log(z) if log else z
+    columns = len(us)
+    corner = np.arange(columns * len(vs)).reshape(len(vs), columns)[:-1, :-1].ravel()  # each cell's (0, 0)
+    triangles = np.concatenate([np.stack([corner, corner + 1, corner + columns + 1], axis=1),
+                                np.stack([corner, corner + columns + 1, corner + columns], axis=1)])
+    grid_u, grid_v = np.meshgrid(us, vs)
+    cubic = CubicTriInterpolator(Triangulation(grid_u.ravel(), grid_v.ravel(), triangles), values.ravel(),
+                                 kind="geom")
+    fine_u, fine_v = np.linspace(us[0], us[-1], DRAWN_GRID), np.linspace(vs[0], vs[-1], DRAWN_GRID)
+    fine = np.clip(cubic(*np.meshgrid(fine_u, fine_v)).filled(np.nan), values.min(), values.max())
+    return fine_u, fine_v, np.exp(fine) if log else fine
 
 
 def surface_levels(z, log):
     """(levels, norm) of filled contours spanning z's finite values: SURFACE_LEVELS geometric steps (log,
-    where all are positive) or nice even ones."""
+    where all are positive) or even ones at round steps (ROUND_STEPS)."""
     finite = z[np.isfinite(z)]
     low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
     if log and low > 0:
@@ -174,7 +212,7 @@ def surface_levels(z, log):
         return np.geomspace(low, high, SURFACE_LEVELS + 1), LogNorm(low, high)
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    levels = MaxNLocator(SURFACE_LEVELS).tick_values(low, high)
+    levels = MaxNLocator(SURFACE_LEVELS, steps=ROUND_STEPS).tick_values(low, high)
     return levels, Normalize(levels[0], levels[-1])
 
 

@@ -444,18 +444,36 @@ def band_holding(contours, point):
     return None
 
 
+def bar_label(contours):
+    """The label of the colour bar of a panel's contours (above the panel or beside it)."""
+    bar = contours.colorbar.ax
+    return bar.get_xlabel() or bar.get_ylabel()
+
+
+def bar_ticks(contours):
+    """The tick values a colour bar shows, along its long side."""
+    bar = contours.colorbar
+    axis = bar.ax.xaxis if bar.orientation == "horizontal" else bar.ax.yaxis
+    low, high = sorted(axis.get_view_interval())
+    return [t for t in axis.get_majorticklocs() if low <= t <= high]
+
+
 def test_plane_figure_draws_the_surface_the_solutions_and_the_angle(tmp_path):
     figure = render(draw_plane(plane_output(tmp_path / "abc")))
     panels = [ax for ax in figure.axes if ax.get_xlabel().startswith("u")]
     loss, error = contour_sets(figure)
-    assert len(panels) == 2 and [ax._colorbar.ax.get_ylabel() for ax in figure.axes if hasattr(ax, "_colorbar")] \
-        == ["train loss (nats)", "test error (%)"]
+    assert len(panels) == 2 and [bar_label(c) for c in (loss, error)] == ["train loss (nats)", "test error (%)"]
     losses = [plane_loss(u, v) for v in PLANE_VS for u in PLANE_US]
     assert loss.levels[0] == pytest.approx(min(losses)) and loss.levels[-1] == pytest.approx(max(losses))
     ratios = np.diff(np.log(loss.levels))
     assert np.allclose(ratios, ratios[0])  # log levels: each band the same factor
     assert band_holding(loss, (2.0, 1.5)) == 0  # the lowest loss in the lowest band, where it is
     assert band_holding(loss, (-1.0 + 1e-3, -0.5 + 1e-3)) == len(loss.levels) - 2  # the highest, in a corner
+    for u in PLANE_US[1:-1]:  # every inner grid point drawn in the band of its measured value
+        for v in PLANE_VS[1:-1]:
+            value = plane_loss(u, v)
+            if not np.isclose(loss.levels, value).any():  # on a level, either band is right
+                assert band_holding(loss, (u, v)) == np.searchsorted(loss.levels, value) - 1, (u, v)
     errors = [100 * (0.2 + 0.05 * u + 0.02 * v) for v in PLANE_VS for u in PLANE_US]  # percent
     assert error.levels[0] <= min(errors) < error.levels[1] and error.levels[-2] < max(errors) <= error.levels[-1]
     assert np.allclose(np.diff(error.levels), np.diff(error.levels)[0])
@@ -470,6 +488,51 @@ def test_plane_figure_draws_the_surface_the_solutions_and_the_angle(tmp_path):
     assert legend[:3] == ["A: ELR 0.0003 s0 @900", "B: ELR 0.0003 s1 @900", "C: ELR 0.0003 s2 @900"]
     assert "cos(angle at A) = 0.316" in legend[3]
     assert "synthetic data (500 train images)" in suptitle(figure)
+
+
+@pytest.fixture(scope="module")
+def plane_drawn(tmp_path_factory):
+    """The plane figure of plane_output, drawn once for the tests that only read it."""
+    return render(draw_plane(plane_output(tmp_path_factory.mktemp("plane") / "abc")))
+
+
+def test_plane_legend_marks_the_solutions_as_drawn_not_with_letter_glyphs(plane_drawn):
+    handles = plane_drawn.legends[0].legend_handles
+    assert not [h.get_marker() for h in handles if str(h.get_marker()).startswith("$")]  # mathtext: bold italics
+    for handle in handles[:3]:  # A, B, C: the white dots with black rims of the panels
+        assert handle.get_marker() == "o" and to_hex(handle.get_markerfacecolor()) == "#ffffff"
+
+
+def test_plane_panels_sit_side_by_side_in_one_column(plane_drawn):
+    figure = plane_drawn
+    width, height = figure.get_size_inches()
+    assert width == pytest.approx(3.4) and height < width  # stacked, this plane's two panels took 4.3 in
+    left, right = (ax.get_window_extent() for ax in figure.axes if ax.get_xlabel().startswith("u"))
+    assert left.x1 < right.x0 and left.y0 < right.y1 and right.y0 < left.y1  # side by side, level
+    assert suptitle(figure).count("\n") <= 1  # the data, the loss and the model: two lines at most
+
+
+def test_plane_colour_bars_tick_at_round_values(tmp_path):
+    folder = plane_output(tmp_path / "abc")
+    for columns in (("test_err",), ("train_loss", "test_err")):  # even levels: a bar beside, a bar above
+        ticks = bar_ticks(contour_sets(render(draw_plane(folder, columns)))[-1])
+        steps = np.diff(ticks)
+        assert len(ticks) >= 3 and np.allclose(steps, steps[0]), ticks
+        power = 10 ** math.floor(math.log10(steps[0]))
+        assert round(steps[0] / power, 6) in (1, 2, 2.5, 5), ticks  # 10, 20, 30: not 18, 30, 42
+        assert np.allclose(np.round(np.array(ticks) / steps[0]), np.array(ticks) / steps[0]), ticks
+
+
+def test_a_coarse_planes_contours_are_not_its_grids_facets(plane_drawn):
+    """Contours interpolated linearly between grid points have every vertex on a grid line (each cell's
+    edges): straight facets. Drawn from a finer interpolated surface, few lie there."""
+    loss, _ = contour_sets(plane_drawn)
+    inner = np.array([vertex for band in loss.allsegs for polygon in band for vertex in polygon
+                      if PLANE_US[0] < vertex[0] < PLANE_US[-1] and PLANE_VS[0] < vertex[1] < PLANE_VS[-1]])
+    on_grid = np.isclose(inner[:, :1], PLANE_US).any(axis=1) | np.isclose(inner[:, 1:], PLANE_VS).any(axis=1)
+    assert len(inner) > 100 and on_grid.mean() < 0.2, (len(inner), on_grid.mean())
+    legend = [t.get_text() for t in plane_drawn.legends[0].get_texts()]
+    assert any("5 x 4 grid, interpolated" in text for text in legend)  # the grid measured, said
 
 
 def test_plane_kind_draws_the_column_asked(tmp_path):

@@ -41,18 +41,25 @@ DENSITY_FLOOR = 1e-6  # of the highest density: the bottom of the spectrum's log
 STEP_COLORS = "plasma"  # one run's densities at several steps, early to late
 
 
-def title(runs):
-    """'CIFAR-10 (5,000 train images), cross-entropy, ConvNet c=8': the data, the losses, the models."""
+def title(runs, in_legend=()):
+    """'CIFAR-10 (5,000 train images), cross-entropy, ConvNet c=8': the data, the losses, the models; the
+    losses or models the legend names (`in_legend`: "losses", "models") are left to it where they differ."""
+    losses = {r.loss for r in runs}
     models = {(r.settings.get("model", "convnet"), r.settings.get("width")) for r in runs}
-    return heading(describe_dataset(*dataset_key(runs[0])), {r.loss for r in runs}, models)
+    if "losses" in in_legend and len(losses) > 1:
+        losses = set()
+    if "models" in in_legend and len(models) > 1:
+        models = set()
+    return heading(describe_dataset(*dataset_key(runs[0])), losses, models)
 
 
 def heading(data, losses, models):
     """The data set, the losses and the (model, width) pairs in one line, or two where one would not fit."""
     losses = " and ".join(LOSS_NAMES.get(l, l) for l in sorted(losses))
     model_text = ", ".join(f"{'ConvNet' if m == 'convnet' else m} c={w}" for m, w in sorted(models, key=str))
-    text = f"{data}, {losses}, {model_text}"
-    return text if len(text) <= 48 else f"{data}\n{losses}, {model_text}"  # 48 characters fill a column
+    rest = ", ".join(part for part in (losses, model_text) if part)
+    text = ", ".join(part for part in (data, rest) if part)
+    return text if len(text) <= 48 or not rest else f"{data}\n{rest}"  # 48 characters fill a column
 
 
 # --- connect -----------------------------------------------------------------------------------------
@@ -290,7 +297,7 @@ def phase_figure(runs, x="train_loss", y="gm", aggregate=True):
     figure.colorbar(cmap, ax=ax, label="ELR")
     seeds = max(len(group.runs) for line in series for group in line)
     figure_legend(figure, phase_legend(runs, bool(orphan_parents), seeds))  # below: trajectories go anywhere
-    ax.set_title(title(runs))
+    ax.set_title(title(runs, in_legend=("losses",)))
     return figure
 
 
@@ -459,7 +466,7 @@ def metrics_figure(runs, table, aggregate=True):
         labels.append(f"line: mean over {counted}; band: lowest to highest")
     if handles:
         figure_legend(figure, handles, labels)
-    figure.suptitle(title(runs))
+    figure.suptitle(title(runs, in_legend=("losses", "models")))
     return figure
 
 
@@ -554,7 +561,7 @@ def cosine_figure(runs, aggregate=True):
                     for i, line in enumerate(series)]
     if handles:
         figure_legend(figure, handles)
-    ax.set_title(title(runs))
+    ax.set_title(title(runs, in_legend=("losses", "models")))
     return figure
 
 
@@ -612,7 +619,7 @@ def projection_figure(runs, aggregate=True):
     ax.set_xlabel(axis_label("elr"))
     ax.set_ylabel(axis_label("proj_err"))
     ax.legend(frameon=False, loc="best")
-    ax.set_title(title(runs))
+    ax.set_title(title(runs, in_legend=("losses", "models")))
     return figure
 
 

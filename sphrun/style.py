@@ -32,7 +32,7 @@ PERCENT_COLUMNS = ("train_err", "test_err", "proj_err")  # fractions in the file
 LABELS = {
     "train_loss": "train loss $L_T$", "test_loss": "test loss",
     "train_err": "train error (%)", "test_err": "test error (%)",
-    "gm": "GM (mean mini-batch gradient norm)", "elr": "effective learning rate (ELR)",
+    "gm": r"GM, mean $\|\nabla_{\mathrm{SI}} L_b\|$", "elr": "effective learning rate (ELR)",
     "iter": "SGD steps", "epoch": "epochs", "si_norm": "norm of the SI weights",
     "cos_prev": "cosine to the previous checkpoint", "cos_init": "cosine to the initialization",
     "proj_err": "projection error 1 - r (%)", "wall_s": "wall time (s)",
@@ -85,8 +85,12 @@ def axis_label(column, losses=(), short=False):
     label = LABELS.get(column.replace("-", "_"), column)
     if short:
         label = SHORT_LABELS.get(column, label)
-    if column in ("train_loss", "test_loss") and len(set(losses)) == 1:
+    one_loss = len(set(losses)) == 1
+    if column in ("train_loss", "test_loss") and one_loss:
         label += " (nats)" if "ce" in losses else " (mean squared error)"
+    if column == "gm":  # a gradient's norm: the loss's unit per unit length of the weights theta
+        loss_unit = ("nats" if "ce" in losses else "MSE") if one_loss else "loss"
+        label += rf" ({loss_unit} per unit $\theta$)"
     return label
 
 

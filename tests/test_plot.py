@@ -22,7 +22,8 @@ from sphrun.phases import group_table
 from sphrun.plot import (KINDS, cosine_figure, draw_connect, draw_plane, metrics_figure, phase_figure, plot,
                          projection_figure, spectrum_figure, with_curvature)
 from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows
-from sphrun.style import PHASE_COLORS, PHASE_EDGES, STYLE, UNDECIDED_SHADE, figure_legend, new_figure, set_scale
+from sphrun.style import (PHASE_COLORS, PHASE_EDGES, STYLE, UNDECIDED_SHADE, axis_label, figure_legend,
+                          new_figure, set_scale)
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
@@ -650,6 +651,22 @@ def test_spectrum_without_densities_is_one_line(handmade):
         spectrum_figure(sweep_runs(root))
 
 
+def test_gm_axes_say_their_unit(handmade, tmp_path):
+    """GM is the norm of the gradient of the loss by the SI weights theta: the loss's unit (nats for
+    cross-entropy) per unit of theta, on every figure that draws it."""
+    root, _ = handmade
+    runs = sweep_runs(root)
+    connect = connect_output(tmp_path / "ab", {"a": end("a", 0), "b": end("b", 1), "train_size": 500})
+    labels = {"phase": render(phase_figure(runs)).axes[0].get_ylabel(),
+              "metrics": render(metrics_figure(runs, group_table(runs))).axes[3].get_ylabel(),
+              "connect": render(draw_connect([connect])).axes[3].get_ylabel(),
+              "plane": bar_label(contour_sets(render(draw_plane(plane_output(tmp_path / "abc"), ("gm",))))[0])}
+    for figure, label in labels.items():
+        assert label.startswith("GM") and label.endswith(r"(nats per unit $\theta$)"), (figure, label)
+    assert axis_label("gm", ["mse"], short=True) == r"GM (MSE per unit $\theta$)"
+    assert axis_label("gm", ["ce", "mse"], short=True) == r"GM (loss per unit $\theta$)"  # two units: none
+
+
 def test_projection_figure_draws_the_mean_over_steps(handmade):
     root, written = handmade
     runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
@@ -874,9 +891,14 @@ def test_mixed_losses_are_drawn_together(sweep, tmp_path):
     copy_run(sweep / "runs" / "elr0.001", runs / "a")
     copy_run(sweep / "runs" / "elr1", runs / "b")
     set_setting(runs / "b", loss="mse")
-    ax = render(phase_figure(sweep_runs(runs))).axes[0]
+    figure = render(phase_figure(sweep_runs(runs)))
+    ax = figure.axes[0]
     markers = {l.get_marker() for l in ax.get_lines() if len(l.get_xdata()) == 1}
     assert {"o", "s"} <= markers  # one marker shape per loss
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert {"cross-entropy", "MSE"} <= set(legend)  # named in the legend, and so not in the title again
+    assert "cross-entropy" not in ax.get_title() and "MSE" not in ax.get_title(), ax.get_title()
+    assert "synthetic data" in ax.get_title() and "ConvNet c=4" in ax.get_title()  # what all the runs share
 
 
 def test_runs_from_an_older_sphrun_join_the_same_line(sweep, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 
-from test_plot import band_colour, inside, labelled_ticks, render, run_cli
+from test_plot import band_colour, inside, labelled_ticks, render, run_cli, suptitle
 from sphrun.phases import group_table
 from sphrun.plot import cosine_figure, metrics_figure, phase_figure, projection_figure
 from sphrun.runs import find_dirs, load_runs
@@ -295,6 +295,11 @@ def test_two_losses_stay_two_groups_at_each_elr(sweep):
     for loss, label in (("ce", "cross-entropy"), ("mse", "MSE")):
         means = [np.mean(finals(written, "gm", elr, loss)) for elr in sorted(SEED_PHASES)]
         assert list(lines[label].get_ydata()) == pytest.approx(means), loss
+    legend = [t.get_text() for t in render(figure).legends[0].get_texts()]
+    title = suptitle(figure)
+    assert {"cross-entropy", "MSE"} <= set(legend) and "cross-entropy" not in title and "MSE" not in title, title
+    assert "CIFAR-10" in title and "ConvNet c=32" in title  # what every line shares
+    assert figure.axes[3].get_ylabel() == r"GM (loss per unit $\theta$)"  # two losses: no one unit
 
 
 def test_data_seeds_join_the_group(sweep):

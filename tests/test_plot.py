@@ -513,15 +513,28 @@ def test_plane_panels_sit_side_by_side_in_one_column(plane_drawn):
     assert suptitle(figure).count("\n") <= 1  # the data, the loss and the model: two lines at most
 
 
+def round_step(values):
+    """The common step of evenly spaced values when it is 1, 2, 2.5 or 5 times a power of ten and every value
+    a multiple of it (10, 20, 30, not 18, 30, 42); None otherwise."""
+    steps = np.diff(values)
+    if not np.allclose(steps, steps[0]):
+        return None
+    power = 10 ** math.floor(math.log10(steps[0]))
+    multiples = np.array(values) / steps[0]
+    return steps[0] if round(steps[0] / power, 6) in (1, 2, 2.5, 5) and np.allclose(multiples, np.round(multiples)) \
+        else None
+
+
 def test_plane_colour_bars_tick_at_round_values(tmp_path):
-    folder = plane_output(tmp_path / "abc")
+    folder = plane_output(tmp_path / "abc")  # test error 14 % to 50 %: 12 levels of 3 where any step goes
     for columns in (("test_err",), ("train_loss", "test_err")):  # even levels: a bar beside, a bar above
-        ticks = bar_ticks(contour_sets(render(draw_plane(folder, columns)))[-1])
-        steps = np.diff(ticks)
-        assert len(ticks) >= 3 and np.allclose(steps, steps[0]), ticks
-        power = 10 ** math.floor(math.log10(steps[0]))
-        assert round(steps[0] / power, 6) in (1, 2, 2.5, 5), ticks  # 10, 20, 30: not 18, 30, 42
-        assert np.allclose(np.round(np.array(ticks) / steps[0]), np.array(ticks) / steps[0]), ticks
+        contours = contour_sets(render(draw_plane(folder, columns)))[-1]
+        assert round_step(contours.levels), contours.levels
+        ticks = bar_ticks(contours)
+        assert len(ticks) >= 3 and round_step(ticks), ticks
+        axis = contours.colorbar.ax.xaxis if len(columns) > 1 else contours.colorbar.ax.yaxis
+        labels = [label.get_window_extent() for label in axis.get_majorticklabels() if label.get_text()]
+        assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:])), ticks  # readable side by side
 
 
 def test_a_coarse_planes_contours_are_not_its_grids_facets(plane_drawn):

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from sphrun import SphrunError, __version__, noise
+from sphrun.checkpoint import Checkpoint
 from sphrun.config import TrainConfig, evaluation_steps
 from sphrun.data import BatchOrder, load_data
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import message
-from sphrun.rundir import RunDir, check_run_location
+from sphrun.rundir import RunDir, check_run_location, outermost_missing
 from sphrun.sphere import global_norm
 
 
@@ -60,26 +61,23 @@ class RunState:
     wall_s: float
     momentum: list | None = None  # off the sphere: SGD's momentum buffers, shaped like the weights
 
-    def checkpoint(self, model_state, elr):
-        ckpt = {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model_state,
-                "theta_init": self.theta_init, "theta_prev": self.theta_prev,
-                "proj_err_sum": self.proj_err_sum, "proj_err_steps": self.proj_err_steps,
-                "wall_s": self.wall_s}
-        if self.momentum is not None:
-            ckpt["momentum"] = self.momentum
-        return ckpt
+    def checkpoint(self, model_state, elr, settings):
+        """The Checkpoint of this state with the model's `model_state`, the ELR of the step that led here
+        and the run key of the settings it trains under."""
+        return Checkpoint(self.iter, elr, self.rho0, model_state, self.theta_init, self.theta_prev,
+                          self.proj_err_sum, self.proj_err_steps, self.wall_s, self.momentum, settings)
 
     @classmethod
-    def from_checkpoint(cls, ckpt, model, params, path):
+    def from_checkpoint(cls, checkpoint, model, params, path):
+        """The state saved in `checkpoint` (read from `path`), its weights loaded into `model`."""
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(checkpoint.model)
             device = params[0].device
             to_device = lambda ts: [t.to(device) for t in ts]
-            momentum = ckpt.get("momentum")
-            return cls(int(ckpt["iter"]), float(ckpt["rho0"]), to_device(ckpt["theta_init"]),
-                       to_device(ckpt["theta_prev"]), ckpt["proj_err_sum"].to(device),
-                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]),
-                       None if momentum is None else to_device(momentum))
+            return cls(int(checkpoint.iter), float(checkpoint.rho0), to_device(checkpoint.theta_init),
+                       to_device(checkpoint.theta_prev), checkpoint.proj_err_sum.to(device),
+                       int(checkpoint.proj_err_steps), float(checkpoint.wall_s),
+                       None if checkpoint.momentum is None else to_device(checkpoint.momentum))
         except (KeyError, RuntimeError, AttributeError, TypeError) as e:
             raise SphrunError(f"{path} does not fit this model ({type(e).__name__})")
 
@@ -88,7 +86,7 @@ class RunState:
 class Start:
     """Where a new fine-tune begins: its parent's checkpoint, the parent's metrics row at that step (None
     when the checkpoint is off its evaluation points) and the `parent` record for config.json."""
-    checkpoint: dict
+    checkpoint: Checkpoint
     path: str
     row: dict | None
     parent: dict
@@ -172,12 +170,15 @@ def run_record(config, data, identity, order, rho0, argv, parent=None):
 
 
 def read_settings(run):
-    """A run's config.json and its settings as a TrainConfig."""
+    """A run's config.json and its settings as a TrainConfig. Its metrics.csv is read too, so that every
+    command that reads a run (resume, extend, finetune, connect, curvature) refuses a damaged history."""
     stored = run.read_config()
     try:
-        return stored, TrainConfig.from_dict(stored["settings"])
+        config = TrainConfig.from_dict(stored["settings"])
     except (SphrunError, TypeError) as e:
         raise SphrunError(f"{run.config_path} has unusable settings: {e}")
+    run.read_metrics()
+    return stored, config
 
 
 def check_same_run(run, config):
@@ -258,14 +259,14 @@ class Member:
     run: RunDir
     start: Start | None = None  # a new fine-tune's parent checkpoint
     stored: dict | None = None  # config.json of an existing run with a checkpoint to resume from
-    checkpoint: dict | None = None  # that checkpoint (last.pt, or the newest sound one)
+    checkpoint: Checkpoint | None = None  # that checkpoint (last.pt, or the newest sound one)
     status: str = "running"  # running while it has work to do, else the run's status
     state: RunState | None = None
     note: str | None = None  # what the command does with it, said once every run passed its checks
 
     @property
     def begins_at(self):
-        return int(self.checkpoint["iter"]) if self.checkpoint else self.config.origin
+        return self.checkpoint.iter if self.checkpoint else self.config.origin
 
     def load_state(self, model, params):
         """Load `model` (the member's, freshly built) where the member begins, and set its RunState."""
@@ -325,31 +326,34 @@ class Runs:
 
 def open_runs(configs, paths, locks, start=None):
     """Open the runs of `configs` (alike but for ELR and seeds) in `paths`, each locked into `locks` (an
-    ExitStack) before it is read: every directory is checked against its settings before the data is
-    loaded, and against the data and its own files after, before anything is written. `start`: a new
-    fine-tune's parent checkpoint."""
+    ExitStack) before anything of it is read, so that of two launches however close only one trains it:
+    every directory is checked against its settings before the data is loaded, and against the data and
+    its own files after, before anything is written. `start`: a new fine-tune's parent checkpoint."""
     first = configs[0]
     device = use_device(first.device)
-    for config, path in zip(configs, paths):
-        check_run_location(path)
-        if RunDir(path).exists():
-            locks.enter_context(RunDir(path).lock())
-            check_same_run(RunDir(path), config)
-    data, identity = load_run_data(first, device)
-    orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
-    total = total_steps(first, orders[first.data_seed].steps_per_epoch)
-    members = [open_member(c, p, total, start, orders[c.data_seed].steps_per_epoch)
-               for c, p in zip(configs, paths)]
-    for m in members:
-        if m.stored:
-            check_same_data(m.run, m.stored, identity)
-        elif m.start and data_difference(identity, m.start.data):
-            m.note = (f"note: {m.start.parent['run']} was trained on other data "
-                      f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
-    for m in members:
-        if not m.run.exists():  # a new run: its directory is made and locked once every check passed
-            locks.enter_context(m.run.lock())
-            if m.run.exists():
-                raise SphrunError(f"another process started a run in {m.run} meanwhile: run the command "
-                                  f"again")
+    made = []  # directories this command made to lock them: removed again when a check refuses
+    try:
+        for config, path in zip(configs, paths):
+            check_run_location(path)
+            outermost_new = outermost_missing(path)
+            locks.enter_context(RunDir(path).lock())  # makes the directory; refused while another holds it
+            if outermost_new:  # only the lock's holder may remove what it made
+                made.append((path, outermost_new))
+            if RunDir(path).exists():
+                check_same_run(RunDir(path), config)
+        data, identity = load_run_data(first, device)
+        orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
+        total = total_steps(first, orders[first.data_seed].steps_per_epoch)
+        members = [open_member(c, p, total, start, orders[c.data_seed].steps_per_epoch)
+                   for c, p in zip(configs, paths)]
+        for m in members:
+            if m.stored:
+                check_same_data(m.run, m.stored, identity)
+            elif m.start and data_difference(identity, m.start.data):
+                m.note = (f"note: {m.start.parent['run']} was trained on other data "
+                          f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
+    except BaseException:
+        for path, outermost_new in made:
+            RunDir(path).remove_if_empty(up_to=outermost_new)
+        raise
     return Runs(members, data, identity, orders, total, device)

@@ -304,7 +304,8 @@ def save(member, pack, step, k, at_eval_point):
     model_state = {name: t.detach().clone() for name, t in pack.member_state_dict(k).items()}
     if step.momentum is not None:
         member.state.momentum = [b[k].clone() for b in step.momentum]
-    checkpoint = member.state.checkpoint(model_state, latest_elr(member.config, member.state.iter))
+    checkpoint = member.state.checkpoint(model_state, latest_elr(member.config, member.state.iter),
+                                         member.config.identity())
     member.run.save_checkpoint(checkpoint, at_eval_point=at_eval_point)
 
 

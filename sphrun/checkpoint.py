@@ -8,6 +8,7 @@ Checkpoints written before sphrun 0.2 have no settings and are taken on trust.
 """
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,10 @@ REQUIRED = ("iter", "elr", "rho0", "model", "theta_init", "theta_prev", "proj_er
 
 
 @dataclass
-class Checkpoint:
+class Checkpoint(Mapping):
+    """A checkpoint's fields; it also reads as the file's dict (checkpoint["model"], .keys()), for scripts
+    written against the file."""
+
     iter: int  # SGD steps from the start of the lineage
     elr: float  # the ELR of the step that led here (off the sphere: the plain learning rate)
     rho0: float  # the joint norm of the SI weights at init: the sphere's radius
@@ -29,13 +33,18 @@ class Checkpoint:
     momentum: list | None = None  # off the sphere: SGD's momentum buffers
     settings: dict | None = None  # TrainConfig.run_key() of the run it belongs to; None before sphrun 0.2
 
-    def __getitem__(self, key):
-        """Fields by the file's keys (checkpoint["model"]), as scripts written against the file read them."""
-        return getattr(self, key)
-
     def to_file(self):
         """The dict torch.save writes (fields that are None left out, as older files have them)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def __getitem__(self, key):
+        return self.to_file()[key]
+
+    def __iter__(self):
+        return iter(self.to_file())
+
+    def __len__(self):
+        return len(self.to_file())
 
     @classmethod
     def from_file(cls, stored):

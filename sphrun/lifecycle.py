@@ -21,7 +21,7 @@ from sphrun.config import TrainConfig, evaluation_steps
 from sphrun.data import BatchOrder, load_data
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import message
-from sphrun.rundir import RunDir, check_run_location, outermost_missing
+from sphrun.rundir import RunDir, Status, check_run_location, outermost_missing
 from sphrun.sphere import global_norm
 
 
@@ -100,14 +100,15 @@ def fresh_state(params):
 
 
 def load_run_data(config, device):
-    """The data set of `config` on `device` (channels_last on CUDA, stored so once) and its identity."""
+    """The data set of `config` on `device` (channels_last on CUDA, stored so once) and its identity
+    (data_identity)."""
     data = load_data(config.dataset, config.data_dir, config.subset, "cpu")
-    identity = data_identity(data)
+    data_id = data_identity(data)
     data = data.to(device)
     if device.type == "cuda":
         data.train_x = data.train_x.contiguous(memory_format=torch.channels_last)
         data.test_x = data.test_x.contiguous(memory_format=torch.channels_last)
-    return data, identity
+    return data, data_id
 
 
 def data_identity(data):
@@ -154,14 +155,14 @@ def total_steps(config, steps_per_epoch):
     return config.origin + length
 
 
-def run_record(config, data, identity, order, rho0, argv, parent=None):
-    """config.json's content for a new run; `identity`: its data's (data_identity). A random-step run
+def run_record(config, data, data_id, order, rho0, argv, parent=None):
+    """config.json's content for a new run; `data_id`: its data's identity (data_identity). A random-step run
     names the generator of its directions (sphrun.noise), which its resumes must share."""
     random = {"random_directions": noise.GENERATOR} if config.step == "random" else {}
     return {"command": "finetune" if parent else "train", "settings": config.to_dict(), **random,
             "data_source": data.source, "num_classes": data.num_classes, "train_size": len(data.train_y),
-            "test_size": len(data.test_y), "data": identity,
-            "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
+            "test_size": len(data.test_y), "data": data_id,
+            "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": Status.RUNNING,
             "elr_meaning": ("effective learning rate on the unit sphere: lr = elr * rho0^2" if config.sphere else
                             "plain SGD learning rate (trained off the sphere): settings.elr and the elr "
                             "column hold lr"),
@@ -185,8 +186,8 @@ def check_same_run(run, config):
     """Refuse to continue a run directory that holds another configuration (length aside); returns its
     config.json."""
     stored, settings = read_settings(run)
-    theirs = settings.identity()
-    ours = config.identity()
+    theirs = settings.run_key()
+    ours = config.run_key()
     differing = [k for k in ours if ours[k] != theirs.get(k)]
     if differing:
         detail = ", ".join(f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in differing)
@@ -199,9 +200,9 @@ def check_same_run(run, config):
     return stored
 
 
-def check_same_data(run, stored, identity):
-    """Refuse to resume or extend a run on other data than its own."""
-    difference = data_difference(identity, stored.get("data"))
+def check_same_data(run, stored, data_id):
+    """Refuse to resume or extend a run on other data than its own (`data_id`: the data's identity)."""
+    difference = data_difference(data_id, stored.get("data"))
     if difference:
         raise SphrunError(f"{run} was trained on other data ({difference}; it used "
                           f"{stored.get('data_source')}): point --data-dir at its data, or choose another --out")
@@ -215,13 +216,13 @@ def nothing_left(run, stored, config, at, total):
     """(status, the line that says so) of an existing run (`stored`: its config.json) at step `at` that
     has nothing left to do on the way to step `total` (done, or diverged); None when it has. A run
     already past `total` is refused."""
-    if stored["status"] == "diverged":
-        return "diverged", f"{run} diverged earlier; nothing to do"
+    if stored["status"] == Status.DIVERGED:
+        return Status.DIVERGED, f"{run} diverged earlier; nothing to do"
     if at > total:
         raise SphrunError(f"{run} is already at step {at}, past the {total} steps asked; "
                           f"ask for more steps to extend it")
     if at == total:  # done, or stopped at its last step before it could say so
-        return "done", (f"{run} is complete ({total - config.origin} steps); "
+        return Status.DONE, (f"{run} is complete ({total - config.origin} steps); "
                         f"ask for more --epochs or --iters to extend it")
     return None
 
@@ -238,8 +239,8 @@ def restore(path, which="last", device="cpu", data_dir=None, other_data=False):
         config = dataclasses.replace(config, data_dir=data_dir)
     checkpoint = run.load_checkpoint(which)
     device = use_device(device) if isinstance(device, str) else device
-    data, identity = load_run_data(config, device)
-    difference = data_difference(identity, stored.get("data"))
+    data, data_id = load_run_data(config, device)
+    difference = data_difference(data_id, stored.get("data"))
     if difference and not other_data:
         raise SphrunError(f"{run} was trained on other data ({difference}; it used "
                           f"{stored.get('data_source')}): point --data-dir at its data, or pass --other-data "
@@ -260,7 +261,7 @@ class Member:
     start: Start | None = None  # a new fine-tune's parent checkpoint
     stored: dict | None = None  # config.json of an existing run with a checkpoint to resume from
     checkpoint: Checkpoint | None = None  # that checkpoint (last.pt, or the newest sound one)
-    status: str = "running"  # running while it has work to do, else the run's status
+    status: Status = Status.RUNNING  # running while it has work to do, else the run's status
     state: RunState | None = None
     note: str | None = None  # what the command does with it, said once every run passed its checks
 
@@ -277,10 +278,10 @@ class Member:
         else:
             self.state = fresh_state(params)
 
-    def record(self, data, identity, order, argv):
+    def config_record(self, data, data_id, order, argv):
         """config.json's content for this member as a new run."""
         parent = self.start.parent if self.start else None
-        return run_record(self.config, data, identity, order, self.state.rho0, argv, parent)
+        return run_record(self.config, data, data_id, order, self.state.rho0, argv, parent)
 
 
 def open_member(config, path, total, start=None, steps_per_epoch=None):
@@ -318,7 +319,7 @@ class Runs:
     order per data seed, the step they all train to, and the device."""
     members: list
     data: object
-    identity: dict
+    data_id: dict  # the data's identity (data_identity)
     orders: dict
     total: int
     device: torch.device
@@ -341,19 +342,19 @@ def open_runs(configs, paths, locks, start=None):
                 made.append((path, outermost_new))
             if RunDir(path).exists():
                 check_same_run(RunDir(path), config)
-        data, identity = load_run_data(first, device)
+        data, data_id = load_run_data(first, device)
         orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
         total = total_steps(first, orders[first.data_seed].steps_per_epoch)
         members = [open_member(c, p, total, start, orders[c.data_seed].steps_per_epoch)
                    for c, p in zip(configs, paths)]
         for m in members:
             if m.stored:
-                check_same_data(m.run, m.stored, identity)
-            elif m.start and data_difference(identity, m.start.data):
+                check_same_data(m.run, m.stored, data_id)
+            elif m.start and data_difference(data_id, m.start.data):
                 m.note = (f"note: {m.start.parent['run']} was trained on other data "
-                          f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
+                          f"({data_difference(data_id, m.start.data)}); the fine-tune goes on with these")
     except BaseException:
         for path, outermost_new in made:
             RunDir(path).remove_if_empty(up_to=outermost_new)
         raise
-    return Runs(members, data, identity, orders, total, device)
+    return Runs(members, data, data_id, orders, total, device)

@@ -15,6 +15,7 @@ runs on a cluster.
 
 import contextlib
 import csv
+import enum
 import io
 import json
 import os
@@ -29,7 +30,20 @@ from sphrun.checkpoint import Checkpoint
 
 METRICS_COLUMNS = ("iter", "epoch", "elr", "train_loss", "train_err", "test_loss", "test_err", "gm",
                    "si_norm", "cos_prev", "cos_init", "proj_err", "wall_s")
-STATUSES = ("running", "done", "diverged", "interrupted")
+
+
+class Status(str, enum.Enum):
+    """A run's status in config.json, stored as these strings (equal to them, as str)."""
+    RUNNING = "running"  # being trained, or killed while it was
+    DONE = "done"
+    DIVERGED = "diverged"  # a non-finite loss or norm stopped it
+    INTERRUPTED = "interrupted"  # stopped by a signal or a full disk: the same command resumes it
+
+    def __str__(self):
+        return self.value
+
+
+STATUSES = tuple(s.value for s in Status)
 CHECKPOINT_NAME = re.compile(r"iter-(\d{7,})\.pt$")
 # A temporary of atomic_write: .tmp-<the file it becomes>-<8 random characters>; older versions wrote
 # .tmp-<8 random characters>, hence the optional target.

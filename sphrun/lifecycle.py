@@ -323,6 +323,7 @@ class Runs:
     orders: dict
     total: int
     device: torch.device
+    made: list  # (directory, outermost folder made for it) of runs new to this command (remove_unstarted)
 
 
 def open_runs(configs, paths, locks, start=None):
@@ -354,7 +355,14 @@ def open_runs(configs, paths, locks, start=None):
                 m.note = (f"note: {m.start.parent['run']} was trained on other data "
                           f"({data_difference(data_id, m.start.data)}); the fine-tune goes on with these")
     except BaseException:
-        for path, outermost_new in made:
-            RunDir(path).remove_if_empty(up_to=outermost_new)
+        remove_unstarted(made)
         raise
-    return Runs(members, data, data_id, orders, total, device)
+    return Runs(members, data, data_id, orders, total, device, made)
+
+
+def remove_unstarted(made):
+    """Remove the directories (path, outermost folder made for it) a command made to lock runs it then
+    never started: a refusal, or a stop before their pass."""
+    for path, outermost_new in made:
+        if not RunDir(path).exists():
+            RunDir(path).remove_if_empty(up_to=outermost_new)

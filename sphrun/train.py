@@ -24,7 +24,7 @@ import torch
 from sphrun import SphrunError
 from sphrun.config import evaluation_steps
 from sphrun.data import BatchOrder, Data
-from sphrun.lifecycle import default_run_path, open_runs, prepare
+from sphrun.lifecycle import default_run_path, open_runs, prepare, remove_unstarted
 from sphrun.rundir import CannotWrite, Status
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
@@ -82,14 +82,17 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
             if m.status == Status.DONE and m.stored["status"] != Status.DONE:  # stopped at its last step
                 m.run.set_status(Status.DONE)
         groups = passes([m for m in runs.members if m.status == Status.RUNNING], pack or len(runs.members))
-        for number, group in enumerate(groups, 1):
-            order = runs.orders[group[0].config.data_seed]
-            message(announcement(group, runs.total, order, runs.device) +
-                    (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
-            p = open_pass(group, runs.data, order, runs.device, runs.total)
-            train_pass(p, runs.data_id, argv)
-            if p.stopped_by is not None:
-                stop_after_pass(p.stopped_by, number, len(groups))
+        try:
+            for number, group in enumerate(groups, 1):
+                order = runs.orders[group[0].config.data_seed]
+                message(announcement(group, runs.total, order, runs.device) +
+                        (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
+                p = open_pass(group, runs.data, order, runs.device, runs.total)
+                train_pass(p, runs.data_id, argv)
+                if p.stopped_by is not None:
+                    stop_after_pass(p.stopped_by, number, len(groups))
+        finally:
+            remove_unstarted(runs.made)
     return [(m.run, m.status) for m in runs.members]
 
 

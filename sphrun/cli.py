@@ -626,6 +626,8 @@ def main():
 def run_app():
     import signal
 
+    import torch  # noqa: F401 (the slow part of starting, imported where a Ctrl-C during it is met)
+
     from sphrun.stopping import Interrupted, StopNow
 
     try:

@@ -60,7 +60,7 @@ def write_run(folder, settings, rows, parent=None):
     with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(reversed(rows))  # the last row of the file is not the final one
+        writer.writerows(rows)
 
 
 def write_sweep(root, loss="ce", scale=1.0, data_seed=0, seeds=SEEDS, seed_phases=SEED_PHASES):

@@ -300,7 +300,7 @@ def group_row(label, runs):
     phases = [v.phase for v in verdicts]
     majority, agreed = agreement(phases)
     if all(v.too_short for v in verdicts):  # say why: a longer run may be decided
-        agreed = f"{UNDECIDED} ({'; '.join(dict.fromkeys(v.evidence for v in verdicts))})"
+        agreed = "; ".join(dict.fromkeys(v.label for v in verdicts))
     steps = sorted({int(f["iter"]) for f in finals})
     row = {"series": label or "", "elr": runs[0].elr, "loss": runs[0].loss, "seeds": len(runs),
            "phase": majority, "agreement": agreed,

@@ -28,8 +28,8 @@ UNDECIDED = "undecided"
 # run falls from chance as a converging one does (its error heading to 0, its weights turning less than
 # they will) and, near the 2/3 border, may still sit at chance as a random walk does. No rule tells the
 # phases apart there, so each waits until the later half lies past the settling window; one gate for all
-# of them, so that a run too short for one rule cannot be decided by another (a 10-epoch sweep would be
-# "phase 1" where the same sweep at 20 epochs is not).
+# of them, so that a run too short for one rule cannot be decided by another (a 10-epoch sweep was shaded
+# "phase 1" with confident evidence where a longer one of the same settings was undecided).
 SETTLING_EPOCHS = 10  # the paper: phase 2's metrics settle within 5-10 epochs
 MIN_EPOCHS = 2 * SETTLING_EPOCHS  # from the run's first point (a fine-tune's fork): its middle past settling
 # Evaluation points in the later half: a trend's line through fewer has one degree of freedom or none. The

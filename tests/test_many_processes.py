@@ -1,14 +1,11 @@
-"""Many processes, one sweep: launches released together never both train a run, a history written twice
-is refused by every reader, and a checkpoint refuses settings edited into config.json."""
+"""Many processes, one sweep: launches released together never both train a run (the lock is taken before
+the run is first looked at); the one that comes second is refused in one line."""
 
 import csv
-import io
 import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 from conftest import REPO, TINY
 from sphrun.config import TrainConfig

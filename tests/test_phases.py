@@ -9,7 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from sphrun.phases import RULES, UNDECIDED, agreement, borders, classify, in_paper_order, later_half, spread
+from sphrun.phase_table import agreement, spread
+from sphrun.phases import RULES, UNDECIDED, borders, classify, in_paper_order, later_half
 from sphrun.train import evaluation_steps
 
 

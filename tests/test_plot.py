@@ -17,7 +17,7 @@ from matplotlib.colors import to_hex
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.phases import group_table
+from sphrun.phase_table import group_table
 from sphrun.plot import (KINDS, cosine_figure, draw_connect, draw_plane, metrics_figure, phase_figure, plot,
                          projection_figure, spectrum_figure, with_curvature)
 from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows

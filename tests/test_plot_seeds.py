@@ -16,7 +16,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 
 from test_plot import band_colour, inside, labelled_ticks, render, run_cli, suptitle
-from sphrun.phases import group_table
+from sphrun.phase_table import group_table
 from sphrun.plot import cosine_figure, metrics_figure, phase_figure, projection_figure
 from sphrun.runs import find_dirs, load_runs
 from sphrun.style import PHASE_COLORS

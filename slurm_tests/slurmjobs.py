@@ -50,8 +50,8 @@ class Cluster:
         while time.monotonic() < deadline:
             tasks, now = self.tasks(job), time.monotonic()
             for t in tasks:
-                state = t["JobState"]
-                ended_since[t["JobId"]] = ended_since.get(t["JobId"], now) if state in ENDED else None
+                ended = t["JobState"] in ENDED
+                ended_since[t["JobId"]] = (ended_since.get(t["JobId"]) or now) if ended else None
             if all(t["JobState"] == "COMPLETED" or (ended_since[t["JobId"]] is not None
                                                     and now - ended_since[t["JobId"]] >= SETTLE_S)
                    for t in tasks):

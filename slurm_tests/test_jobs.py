@@ -4,8 +4,8 @@ and requeued, must equal the same run trained here without interruption (metrics
 
 Timings the tests lean on (SLURM 22.05): the minimum time limit is 1 minute, and slurmctld looks at time
 limits every 30 s, so a 1-minute job is cut 60 to 90 s after it starts and `--signal=USR1@45` comes 15 to
-45 s after. The runs that must be stopped therefore train for some 40 s of CPU; the jobs of one stopped run
-are submitted together, so that their waits overlap."""
+45 s after. The run that SLURM stops therefore trains for some 40 s of CPU, its jobs lift their time limit
+once requeued (one stop each), and they are submitted together, so that their waits overlap."""
 
 import csv
 import os
@@ -88,16 +88,19 @@ def tiny(script, settings, minutes=None, notice=None, tasks=None):
 
 # --- runs trained here, and runs compared --------------------------------------------------------------
 def train_here(settings, out):
-    """`sphrun train SETTINGS --out OUT` in the background, outside SLURM: the uninterrupted reference."""
-    return subprocess.Popen([sys.executable, "-m", "sphrun", "train", *settings.split(), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    """`sphrun train SETTINGS --out OUT` in the background, outside SLURM: the uninterrupted reference. Its
+    messages go to OUT.log (a pipe nobody reads until the end could fill and stop it)."""
+    with open(f"{out}.log", "w") as messages:
+        process = subprocess.Popen([sys.executable, "-m", "sphrun", "train", *settings.split(), "--out", str(out)],
+                                   stdout=messages, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    process.log = f"{out}.log"
+    return process
 
 
 def finished(process):
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
+    process.wait(timeout=600)
+    assert process.returncode == 0, open(process.log).read()
 
 
 def runs(folder):
@@ -208,7 +211,7 @@ def stopped_runs(cluster, tmp_path_factory):
     yield stopped
     if stopped.reference.poll() is None:
         stopped.reference.kill()
-        stopped.reference.communicate()
+        stopped.reference.wait()
 
 
 def test_scontrol_requeue_of_a_running_packed_sweep_ends_identical(cluster, tmp_path, stopped_runs):
@@ -225,6 +228,7 @@ def test_scontrol_requeue_of_a_running_packed_sweep_ends_identical(cluster, tmp_
     [task] = cluster.wait(job, timeout=300)
     finished(reference)
     assert (task["JobState"], int(task["Restarts"])) == ("COMPLETED", 1), log(task)
+    assert re.search(r"resuming 2 runs .* from step \d+ to 1200", log(task)), log(task)  # requeued mid-run
     expected = runs(tmp_path / "reference")
     assert len(expected) == 2 and runs(tmp_path / "job" / "sweep") == expected
 

@@ -28,6 +28,8 @@ PACKED = f"{TINY} --elr 1e-3,3e-3 --iters 1200 --eval-every 300"  # requeued at 
 # or a time limit's cut at 60 to 90 s after an idle 40 s: some 40 s of training at the most, at about 75
 # steps a second alone on a core).
 SINGLE = f"{TINY} --elr 1e-3 --iters 3400 --eval-every 400"
+PAIR = f"{TINY} --elr 1e-3 --seed 0:2 --iters 16 --eval-every 8"  # the two ends of a connect
+POINTS = 200  # on the segment between them: about 0.2 s of CPU a point, longer than one leg too
 
 
 # --- README.md's scripts ----------------------------------------------------------------------------
@@ -87,20 +89,29 @@ def tiny(script, settings, minutes=None, notice=None, tasks=None):
 
 
 # --- runs trained here, and runs compared --------------------------------------------------------------
-def train_here(settings, out):
-    """`sphrun train SETTINGS --out OUT` in the background, outside SLURM: the uninterrupted reference. Its
-    messages go to OUT.log (a pipe nobody reads until the end could fill and stop it)."""
+def sphrun_here(arguments, out):
+    """`sphrun ARGUMENTS --out OUT` in the background, outside SLURM: an uninterrupted reference. Its messages
+    go to OUT.log (a pipe nobody reads until the end could fill and stop it)."""
     with open(f"{out}.log", "w") as messages:
-        process = subprocess.Popen([sys.executable, "-m", "sphrun", "train", *settings.split(), "--out", str(out)],
+        process = subprocess.Popen([sys.executable, "-m", "sphrun", *arguments.split(), "--out", str(out)],
                                    stdout=messages, stderr=subprocess.STDOUT,
                                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     process.log = f"{out}.log"
     return process
 
 
+def train_here(settings, out):
+    return sphrun_here(f"train {settings}", out)
+
+
 def finished(process):
     process.wait(timeout=600)
     assert process.returncode == 0, open(process.log).read()
+
+
+def table(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def runs(folder):
@@ -179,29 +190,47 @@ def test_two_tasks_with_the_same_shard_one_trains_the_other_is_refused(cluster, 
 
 # --- stopped and requeued runs -------------------------------------------------------------------------
 class StoppedRuns:
-    """The jobs of one run (SINGLE) that SLURM stops, by name, and that run trained here without interruption."""
+    """The jobs that SLURM stops, by name: one run (SINGLE) in three, a connect in one; and the same trained
+    and measured here without interruption."""
 
     def __init__(self, cluster, folder):
-        self.folder, self.reference, self.rows = folder, train_here(SINGLE, folder / "reference"), None
+        self.folder = folder
+        finished(train_here(PAIR, folder / "pair"))
+        self.connect = "connect {} {} --points {}".format(*sorted((folder / "pair").iterdir()), POINTS)
+        self.references = {"train": train_here(SINGLE, folder / "reference"),
+                           "connect": sphrun_here(self.connect, folder / "connect-reference")}
         sweep = tiny(readme_script("sphrun-sweep"), SINGLE, minutes=1, tasks="0")
         sweep = swap(sweep, '--shard "${SLURM_ARRAY_TASK_ID}/4"', '--shard "${SLURM_ARRAY_TASK_ID}/1"')
         # The time limit without the notice: the first leg idles 40 s, so that the cut (60 to 90 s after
         # the start) comes while it trains, without a run long enough to train through 90 s.
         time_limit = before_the_commands(without_line(sweep, "#SBATCH --signal="),
                                          '[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || sleep 40  # test only\n')
+        notice = swap(sweep, "USR1@120", "USR1@45")
+        train_command = re.search(r"srun sphrun train .*?--shard \S+\n", notice, re.DOTALL).group(0)
         scripts = {
             "time-limit": time_limit,
-            "notice-srun": swap(sweep, "USR1@120", "USR1@45"),
+            "notice-srun": notice,
             "notice-trap": tiny(readme_script("sphrun-ce"), SINGLE, minutes=1, notice=45),
+            "notice-connect": swap(notice, train_command, f"srun sphrun {self.connect} --out line\n"),
         }
         scripts = {name: one_stop(script) for name, script in scripts.items()}
         self.jobs = {name: cluster.sbatch(script, folder / name) for name, script in scripts.items()}
 
     def uninterrupted(self):
-        if self.rows is None:
-            finished(self.reference)
-            self.rows = only_run(self.folder / "reference")
-        return self.rows
+        """The run's rows trained without interruption."""
+        finished(self.references["train"])
+        return only_run(self.folder / "reference")
+
+    def uninterrupted_connect(self):
+        """connect.csv's rows measured without interruption."""
+        finished(self.references["connect"])
+        return table(self.folder / "connect-reference" / "connect.csv")
+
+    def stop(self):
+        for process in self.references.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +238,7 @@ def stopped_runs(cluster, tmp_path_factory):
     """Submitted together, as early as the module first needs them, so that their waits overlap."""
     stopped = StoppedRuns(cluster, tmp_path_factory.mktemp("stopped"))
     yield stopped
-    if stopped.reference.poll() is None:
-        stopped.reference.kill()
-        stopped.reference.wait()
+    stopped.stop()
 
 
 def test_scontrol_requeue_of_a_running_packed_sweep_ends_identical(cluster, tmp_path, stopped_runs):
@@ -254,3 +281,16 @@ def test_the_readme_notice_and_requeue_recipe_ends_every_run_done_and_identical(
     [run] = [metrics.parent for metrics in (stopped_runs.folder / job).rglob("metrics.csv")]
     assert status(run) == "done"
     assert only_run(stopped_runs.folder / job) == stopped_runs.uninterrupted()
+
+
+def test_a_connect_stopped_by_the_notice_goes_on_where_it_stopped_and_ends_identical(cluster, stopped_runs):
+    """connect in the README's script in place of train: it keeps each point it measured, stops on the notice
+    with train's message and exit status, and the requeued job measures the points left, ending with the
+    connect.csv of an uninterrupted connect. (Passes once connect stops and resumes as train does.)"""
+    [task] = cluster.wait(stopped_runs.jobs["notice-connect"], timeout=420)
+    text = log(task)
+    assert (task["JobState"], exit_status(task), int(task["Restarts"])) == ("COMPLETED", 0, 1), text
+    assert len(re.findall(r"^interrupted by SIGUSR1\b", text, re.M)) == 1 and "stopped at once" not in text, text
+    assert len(re.findall(r"alpha 0\.000 ", text)) == 1, text  # the first point, measured by the first leg alone
+    measured = table(stopped_runs.folder / "notice-connect" / "line" / "connect.csv")
+    assert measured == stopped_runs.uninterrupted_connect()

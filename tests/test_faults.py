@@ -276,6 +276,8 @@ def sphrun_process(*args, script=None):
     (2, ["SIGTERM"], "1e-3", 143, "interrupted by SIGTERM at step 8: checkpoint saved", 8),
     (2, ["SIGUSR1"], "1e-3,2e-3", 138, "interrupted by SIGUSR1 at step 8: checkpoints saved", 8),
     (2, ["SIGINT", "SIGINT"], "1e-3", 130, "stopped at once, without saving", 0),  # a second Ctrl-C
+    # SLURM's time limit: SIGTERM to a job step twice (slurmstepd's, srun's), one stop that saves
+    (2, ["SIGTERM", "SIGTERM"], "1e-3", 143, "interrupted by SIGTERM at step 8: checkpoint saved", 8),
     (1, ["SIGTERM"], "1e-3", 143, "stopped at once, without saving", None),  # before the loop: no checkpoint
 ])
 def test_a_stop_signal_saves_marks_interrupted_and_exits_with_its_status(tmp_path, made, when, signals, elrs,

@@ -71,13 +71,19 @@ def release():
     torch.cuda.empty_cache()
 
 
-def halving_on_oom(train_pass, group):
-    """train_pass(group); when the device runs out of memory before the pass saved anything past its
+def halving_on_oom(train, group):
+    """train(group), a pass; when the device runs out of memory before the pass saved anything past its
     start (at its first steps, or its first evaluation beside the captured step), one note, and the
-    group trained again in two halves (each halved again if need be) from where it started."""
+    first half trained instead (halved again if need be) from where it started. Returns the pass that
+    trained and the members left, in groups of the size that fit: the next passes."""
+    trained, size, left = fitted(train, group)
+    return trained, [left[i:i + size] for i in range(0, len(left), size)]
+
+
+def fitted(train, group):
+    """halving_on_oom's work: the pass that trained, how many models it packed, and the members left."""
     try:
-        train_pass(group)
-        return
+        return train(group), len(group), []
     except torch.cuda.OutOfMemoryError as e:
         if len(group) == 1 or any(saved_past_start(m) for m in group):
             raise
@@ -86,8 +92,8 @@ def halving_on_oom(train_pass, group):
     half = (len(group) + 1) // 2
     message(f"note: {len(group)} models packed ran out of device memory at the start of their pass ({reason}); "
             f"training them {half} at a time")
-    for part in (group[:half], group[half:]):
-        halving_on_oom(train_pass, part)
+    trained, size, left = fitted(train, group[:half])
+    return trained, size, left + group[half:]
 
 
 def saved_past_start(member):

@@ -12,13 +12,11 @@ On the CPU every model of a data seed trains in one pass, as before: the CPU for
 after another, so a pack's transient memory is one model's, not K models'.
 """
 
-import gc
-
 import torch
 
 from sphrun.lifecycle import prepare
 from sphrun.metrics import EVALUATION_BATCH, eval_metrics
-from sphrun.packed import Step, mixed_precision, pack_models
+from sphrun.packed import Step, free_unused_memory, mixed_precision, pack_models
 from sphrun.progress import message
 from sphrun.sphere import global_norm
 
@@ -46,7 +44,7 @@ def footprint(config, data, device):
     (weights, step state), the activations of one training step twice (the captured step's memory pool
     holds them all along, and an eager step or the check of the graph's first replay as much again),
     or once and those of an evaluation batch, whichever is more."""
-    release()
+    free_unused_memory()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     _, model, params, order = prepare(config, device, data)
@@ -61,14 +59,8 @@ def footprint(config, data, device):
         eval_metrics(step.pack, data.test_x[:batch], data.test_y[:batch], config.loss, batch)
     evaluating = torch.cuda.max_memory_allocated(device) - base
     del model, params, step
-    release()
+    free_unused_memory()
     return stepping + max(stepping, evaluating) - held
-
-
-def release():
-    """Return memory no tensor holds any more to the device (a collection first: cycles may hold some)."""
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def halving_on_oom(train, group):
@@ -88,7 +80,7 @@ def fitted(train, group):
         if len(group) == 1 or any(saved_past_start(m) for m in group):
             raise
         reason = ". ".join(str(e).strip().split(". ")[:2]).rstrip(".") or "out of memory"  # what, and how much
-    release()  # outside the except block, whose traceback held the pass's tensors
+    free_unused_memory()  # outside the except block, whose traceback held the pass's tensors
     half = (len(group) + 1) // 2
     message(f"note: {len(group)} models packed ran out of device memory at the start of their pass ({reason}); "
             f"training them {half} at a time")

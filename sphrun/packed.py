@@ -13,10 +13,10 @@ slices with the very calls of its single run (the class says why).
 
 The step (Step) reads its inputs from and writes its outputs to fixed device tensors, so that on CUDA
 it is captured once in a CUDA graph and replayed, with cudnn.benchmark and channels_last tensors. The
-first replay is checked against the same step taken eagerly; when capture fails, or the check does, one
-line says why and training goes on eagerly. A model whose step goes non-finite (its loss,
-its step, or its norm off the sphere) is frozen on the device at its last finite weights, without a
-host sync. --precision bf16 runs convolutions and matrix products in bfloat16 (autocast) while weights,
+first replay is checked against the same step taken eagerly; when capture fails (its graph and memory
+then released), or the check does, one line says why and training goes on eagerly. A model whose step
+goes non-finite (its loss, its step, or its norm off the sphere) is frozen on the device at its last
+finite weights, without a host sync. --precision bf16 runs convolutions and matrix products in bfloat16 (autocast) while weights,
 norms, the projection and BatchNorm statistics stay float32.
 """
 
@@ -333,7 +333,7 @@ class Step:
         else:
             self.graph = graph
             return
-        release(graph, stream, self.device)  # after the except block, whose traceback held the capture's tensors
+        release_capture(graph, stream, self.device)  # after the except block: its traceback held the capture
         self.eager_only = True
         message(f"note: CUDA graph capture failed ({failure}); training without it, more slowly")
 
@@ -376,14 +376,19 @@ def schedule(configs, rho0s):
     return [[rate(c, rho0, c.elr_at(origin + j)) for c, rho0 in zip(configs, rho0s)] for j in range(length + 1)]
 
 
-def release(graph, stream, device):
+def release_capture(graph, stream, device):
     """Free a failed capture's graph and the memory its pool holds, and make `stream` (the one the
     capture started from: a capture that raises at its end leaves its own current) current again."""
     graph.reset()
     del graph
-    gc.collect()  # tensors of the capture a reference cycle may hold
     torch.cuda.set_stream(stream)
     torch.cuda.synchronize(device)
+    free_unused_memory()
+
+
+def free_unused_memory():
+    """Return the device memory no tensor holds any more (a collection first: cycles may hold some)."""
+    gc.collect()
     torch.cuda.empty_cache()
 
 

@@ -86,10 +86,12 @@ def fake_sphrun(out, calls, stop_at=None):
             return 143, None
         options = dict(zip(argv, argv[1:]))
         if argv[0] == "train" and "--elr" in options:
-            for elr in options["--elr"].split(","):
-                for seed in options.get("--seed", "0").split(","):
-                    make_run(os.path.join(options["--out"], f"run-{elr}-s{seed}"),
-                             {"elr": float(elr), "seed": int(seed)})
+            grid = [(elr, seed) for elr in options["--elr"].split(",") for seed in options.get("--seed", "0").split(",")]
+            if "--shard" in options:
+                grid = shard_of(grid, *map(int, options["--shard"].split("/")))
+            for elr, seed in grid:
+                make_run(os.path.join(options["--out"], f"run-{elr}-s{seed}-{options.get('--step', 'sgd')}"),
+                         {"elr": float(elr), "seed": int(seed), "step": options.get("--step", "sgd")})
         elif argv[0] == "finetune":
             make_run(options["--out"], {"elr": float(options["--elr"]), "seed": 0}, {"run": argv[1]})
         return 0, None
@@ -133,9 +135,10 @@ def test_shards_train_then_the_unsharded_run_measures_and_draws(tmp_path):
     sharded = []
     for index in range(3):
         run(out, stages, fake_sphrun(out, sharded), index, 3)
-    assert {argv[0] for argv in sharded} == {"train", "finetune"}
+    training = [c for s in stages if s.kind == paper.TRAIN for c in s.commands]
+    assert {argv[0] for argv in sharded} == {"train", "finetune"} and len(sharded) >= len(training)
     final = []
-    run(out, stages, fake_sphrun(out, final))
+    run(out, stages, fake_sphrun(out, final))  # finds every run each shard trained
     expected = [c for s in stages if s.kind != paper.TRAIN for c in s.commands]
     assert [argv[0] for argv in final] == [c.args[0] for c in expected]
 
@@ -199,7 +202,8 @@ def test_check_wants_every_figure_and_the_phases_in_the_papers_order(tmp_path):
     (["demo", "FOREIGN"], "not empty and was not made by paper.py"),
     (["small", "MADE"], "was made at scale demo, not small"),
 ])
-def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, error):
+def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, error):
+    monkeypatch.setattr(paper, "probe", None)  # refused before anything runs: no probe, no sphrun
     (tmp_path / "FOREIGN").mkdir()
     (tmp_path / "FOREIGN" / "mine.txt").write_text("a user's file")
     paper.Record(str(tmp_path / "MADE")).claim("demo")

@@ -100,10 +100,10 @@ DEMO = Scale(
     finetune_iters=100, finetune_eval_every=20, schedule_to=1e-4, transitions=(20, 200),
     p3_elrs=(1e-1, 3e-1), p3_epochs=20,
     mse_elrs=(1e-3, 1e-2, 1e-1, 1.0), mse_iters=200, mse_subset_iters=200, mse_parent=1e-2, mse_lowered=(5e-3, 1e-3),
-    vgg_width=4, vgg_lrs=(0.01, 0.1, 1.0), vgg_epochs=20,
-    points=11, grid=5,
+    vgg_width=4, vgg_lrs=(0.01, 0.1, 1.0), vgg_epochs=10,
+    points=11, grid=4,
     curvature=("--measures", "fisher-trace,hessian-eig", "--probes", "2", "--lanczos", "4", "--batches", "2"),
-    curvature_at="0,80,160,240,320,400",
+    curvature_at="0,100,200,300,400",
     density=("--probes", "2", "--lanczos", "10", "--batches", "2"),
     probe_steps=20,
 )

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from sphrun import SphrunError, __version__
+from sphrun.checkpoint import Checkpoint
 from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, ConvNet, build_model
 from sphrun.packed import pack_models
@@ -57,11 +58,11 @@ class End(NamedTuple):
     run: RunDir
     stored: dict  # config.json
     config: object  # its settings, a TrainConfig
-    checkpoint: dict
+    checkpoint: Checkpoint
 
     @property
     def iter(self):
-        return int(self.checkpoint["iter"])
+        return self.checkpoint.iter
 
 
 def load_end(path, which):
@@ -93,7 +94,7 @@ def incompatibility(a, b):
     if kind(a) != kind(b):
         return f"another data source ({kind(a)} in {a.run}, {kind(b)} in {b.run})"
     for name in parameter_names(a):
-        ta, tb = a.checkpoint["model"].get(name), b.checkpoint["model"].get(name)
+        ta, tb = a.checkpoint.model.get(name), b.checkpoint.model.get(name)
         if ta is None or tb is None or ta.shape != tb.shape or not torch.equal(ta, tb):
             return (f"a different frozen layer ({name} differs; "
                     f"train both with the same --head-seed and --init-scale)")
@@ -193,7 +194,7 @@ def option_parts(bn_batches, project, allow_tf32):
 
 
 def end_record(end, radius):
-    return {"run": end.run.path, "iter": end.iter, "elr": end.checkpoint.get("elr"), "radius": radius,
+    return {"run": end.run.path, "iter": end.iter, "elr": end.checkpoint.elr, "radius": radius,
             "settings": end.stored["settings"]}
 
 
@@ -236,7 +237,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir, other_data)
     names = {id(p): n for n, p in model.named_parameters()}
     theta_a = [p.detach().clone() for p in params]
-    theta_b = [b.checkpoint["model"][names[id(p)]].to(p.device, p.dtype) for p in params]
+    theta_b = [b.checkpoint.model[names[id(p)]].to(p.device, p.dtype) for p in params]
     rho_a, rho_b = global_norm(theta_a).item(), global_norm(theta_b).item()
     permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
     batches = full_batches(permutation, config.batch_size)
@@ -280,7 +281,7 @@ def write_figure(out):
 # --- the plane through three solutions (its geometry: sphrun.plane) -------------------------------------
 def flat_weights(end, names):
     """An end's trained weights as one flat vector, in the network's parameter order."""
-    return torch.cat([end.checkpoint["model"][name].reshape(-1) for name in names])
+    return torch.cat([end.checkpoint.model[name].reshape(-1) for name in names])
 
 
 def points_per_pass(model, sphere, device):

@@ -433,7 +433,7 @@ def resolve_targets(run, at):
     targets = {}
     for which in at:
         if which == "last":
-            it = int(run.load_checkpoint("last")["iter"])
+            it = run.load_checkpoint("last").iter
             targets.setdefault(it, it if run.has_checkpoint(it) else "last")
         else:
             if not run.has_checkpoint(which):

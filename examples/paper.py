@@ -80,6 +80,7 @@ class Scale:
     vgg_width: int
     vgg_lrs: tuple
     vgg_epochs: int
+    vgg_subset: str | None  # None: the main set
     wds: tuple = (0.0, 1e-4)
     points: int = 21  # along each segment of linear mode connectivity
     grid: int = 21  # per axis of the plane
@@ -100,7 +101,7 @@ DEMO = Scale(
     finetune_iters=100, finetune_eval_every=20, schedule_to=1e-4, transitions=(20, 200),
     p3_elrs=(1e-1, 3e-1), p3_epochs=20,
     mse_elrs=(1e-3, 1e-2, 1e-1, 1.0), mse_iters=200, mse_subset_iters=200, mse_parent=1e-2, mse_lowered=(5e-3, 1e-3),
-    vgg_width=4, vgg_lrs=(0.01, 0.1, 1.0), vgg_epochs=10,
+    vgg_width=4, vgg_lrs=(0.01, 0.1, 1.0), vgg_epochs=20, vgg_subset=None,
     points=11, grid=4,
     curvature=("--measures", "fisher-trace,hessian-eig", "--probes", "2", "--lanczos", "4", "--batches", "2"),
     curvature_at="0,100,200,300,400",
@@ -109,18 +110,19 @@ DEMO = Scale(
 )
 
 SMALL = Scale(
-    name="small", about="CIFAR-10 and its 10 % subset, ConvNet width 8, 16 epochs per sweep: a laptop CPU in a few "
-                        "hours, a GPU in minutes; much shorter runs than the paper's, so phase 1 converges less far",
+    name="small", about="CIFAR-10 and its 10 % subset, ConvNet width 8, sweeps of 20 epochs (the fewest sphrun's "
+                        "phase rules read), VGG-16-BN width 8 on the subset: a laptop CPU in a few hours, a GPU in "
+                        "minutes; much shorter runs than the paper's, so phase 1 converges less far",
     dataset="cifar10", subset=None, mse_subset="0.1", mse_subset_batch=128, width=8, batch=128,
-    ce_elrs=(1e-4, 3e-4, 7e-4, 2e-3, 5e-3, 1e-2, 5e-2, 3e-1), ce_epochs=16, eval_epochs=2, keep=None,
+    ce_elrs=(1e-4, 3e-4, 7e-4, 2e-3, 5e-3, 1e-2, 5e-2, 3e-1), ce_epochs=20, eval_epochs=2, keep=None,
     p1_low=1e-4, raised=(2e-4, 7e-4, 5e-3), p1_high=7e-4, lowered=(3.5e-4, 7e-5), p1_max=7e-4,
     p2_low=2e-3, p2_low_to=(3e-4, 7e-4), p2_high=1e-2, p2_high_to=(1e-4, 3e-4),
     pairs_unconverged=(1e-4, 3e-4), pairs_converged=(3e-4, 7e-4),
     finetune_iters=1950, finetune_eval_every=390, schedule_to=1e-4, transitions=(390, 3900),
     p3_elrs=(5e-2, 3e-1), p3_epochs=5,
-    mse_elrs=(1e-3, 1e-2, 5e-2, 5e-1), mse_iters=2000, mse_subset_iters=2000, mse_parent=1e-2,
+    mse_elrs=(1e-3, 1e-2, 5e-2, 5e-1), mse_iters=7800, mse_subset_iters=2000, mse_parent=1e-2,
     mse_lowered=(5e-3, 1e-3),
-    vgg_width=8, vgg_lrs=(0.01, 0.1, 1.0), vgg_epochs=4,
+    vgg_width=8, vgg_lrs=(0.01, 0.1, 1.0), vgg_epochs=20, vgg_subset="0.1",
     points=11, grid=7,
     curvature=("--measures", "fisher-trace,hessian-eig", "--probes", "2", "--lanczos", "5", "--batches", "10"),
     density=("--probes", "2", "--lanczos", "20", "--batches", "10"),
@@ -142,7 +144,7 @@ PAPER_SCALE = Scale(
     p3_elrs=(5e-2, 1e-1, 3e-1), p3_epochs=50,
     mse_elrs=(1e-4, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1), mse_iters=6000, mse_subset_iters=6000,
     mse_parent=1e-2, mse_lowered=(5e-3, 1e-3),
-    vgg_width=64, vgg_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), vgg_epochs=200,
+    vgg_width=64, vgg_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), vgg_epochs=200, vgg_subset=None,
     curvature=("--measures", "fisher-trace,hessian-eig"),
     density=("--lanczos", "30"),
 )
@@ -252,7 +254,8 @@ class Experiments:
         if data_dir and os.path.isdir(os.path.join(data_dir, "train")):  # an ImageFolder tree: count its images
             full_train, self.test_size = (count_images(os.path.join(data_dir, split)) for split in ("train", "test"))
         self.train_size = subset_size(scale.subset, full_train)
-        self.mse_subset_size = subset_size(scale.mse_subset, self.train_size)
+        self.mse_subset_size = subset_size(scale.mse_subset, full_train)
+        self.vgg_size = subset_size(scale.vgg_subset, full_train) if scale.vgg_subset else self.train_size
 
     # the options every run from init shares
     def data(self, subset, batch):
@@ -351,14 +354,14 @@ class Experiments:
         return stages
 
     def vgg(self, lr, wd):
-        steps_per_epoch = self.train_size // self.s.batch
+        steps_per_epoch = self.vgg_size // self.s.batch
         steps = self.s.vgg_epochs * steps_per_epoch
         eval_every = self.every(steps, steps_per_epoch)
         path = f"{OUT}/vgg-wd{wd:g}/lr{lr:g}"
         args = ("train", "--model", "vgg16bn", "--no-sphere", "--lr", f"{lr:g}", "--wd", f"{wd:g}",
-                *self.data(self.s.subset, self.s.batch), "--width", str(self.s.vgg_width),
+                *self.data(self.s.vgg_subset or self.s.subset, self.s.batch), "--width", str(self.s.vgg_width),
                 "--epochs", str(self.s.vgg_epochs), "--eval-every", str(eval_every), "--out", path)
-        cost = training_cost(1, steps, self.s.batch, evaluations(steps, eval_every), self.train_size,
+        cost = training_cost(1, steps, self.s.batch, evaluations(steps, eval_every), self.vgg_size,
                              self.test_size, vgg=True)
         return Command(args, cost, runs=(path,))
 
@@ -805,6 +808,7 @@ def read_json(path):
 
 # --- running ---------------------------------------------------------------------------------------------------
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+SPHRUN = [sys.executable, "-m", "sphrun"]  # the sphrun of this Python, whatever is first on PATH
 
 
 class Stopped(Exception):
@@ -815,15 +819,21 @@ class Stopped(Exception):
 
 def sphrun_process(argv, quiet=False):
     """Run `sphrun ARGV` in this Python and wait for it: (exit status, stop signal the driver got meanwhile,
-    its output when `quiet`).
-    A stop signal sent to the process group (Ctrl-C, a scheduler's notice) reaches sphrun, which saves and
-    exits with 128 + its number; the driver only notes it, so sphrun never gets it twice."""
-    caught = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in STOP_SIGNALS}
+    its output when `quiet`). sphrun stops on a signal as it does alone (saves, exits 128 + its number):
+    Ctrl-C reaches it with the terminal's process group; SIGTERM and SIGUSR1 are passed on, since a
+    scheduler may signal the driver alone, and sphrun counts the same one again within 2 s as one."""
+    caught, child = [], None
+
+    def note(signum, frame):
+        caught.append(signum)
+        if child is not None and signum != signal.SIGINT:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
     try:
         output = subprocess.PIPE if quiet else None
-        child = subprocess.Popen([sys.executable, "-m", "sphrun", *argv], stdout=output,
-                                 stderr=subprocess.STDOUT if quiet else None, text=True)
+        child = subprocess.Popen([*SPHRUN, *argv], stdout=output, stderr=subprocess.STDOUT if quiet else None,
+                                 text=True)
         said, _ = child.communicate()
     finally:
         for sig, handler in previous.items():
@@ -989,7 +999,8 @@ PHASES_FIGURE = "figures/fig02-metrics.png"
 def check(out, stages):
     """Problems with a finished folder: a figure missing, or the cross-entropy sweep's phases (the phase
     table of fig. 2) not 1, then 2, then 3 as the ELR grows. Returns (problems, the phases by ELR)."""
-    from sphrun.phases import UNDECIDED, in_paper_order, table_path_for
+    from sphrun.phase_table import table_path_for
+    from sphrun.phases import PHASES, UNDECIDED, in_paper_order
 
     problems = [f"missing figure {c.figure.file}" for stage in stages for c in stage.commands
                 if c.figure and not os.path.isfile(os.path.join(out, c.figure.file))]
@@ -999,12 +1010,12 @@ def check(out, stages):
             rows = sorted(csv.DictReader(f), key=lambda row: float(row["elr"]))
     except FileNotFoundError:
         return problems + [f"missing phase table {table}"], ""
-    phases = [row["phase"] if row["phase"] in ("1", "2", "3") else UNDECIDED for row in rows]
+    phases = [row["phase"] if row["phase"] in PHASES else UNDECIDED for row in rows]
     elrs = [float(row["elr"]) for row in rows]
     found = " ".join(f"{e:g}:{p}" for e, p in zip(elrs, phases))
     if not in_paper_order(elrs, phases):
         problems.append(f"the sweep's phases are not 1, then 2, then 3 as the ELR grows: {found}")
-    missing = [p for p in ("1", "2", "3") if p not in phases]
+    missing = [p for p in PHASES if p not in phases]
     if missing:
         problems.append(f"the sweep has no run in phase {', '.join(missing)}: {found}")
     return problems, found

@@ -6,7 +6,10 @@ import collections
 import csv
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -212,3 +215,21 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, e
     err = capsys.readouterr().err
     assert err.startswith("error: ") and error in err and err.count("\n") == 1
     assert (tmp_path / "FOREIGN" / "mine.txt").read_text() == "a user's file"
+
+
+def test_a_stop_signal_to_the_driver_alone_reaches_the_sphrun_command(tmp_path, monkeypatch):
+    """A scheduler may signal the driver's process alone: sphrun must still save and stop (here a stand-in
+    that exits 143 on SIGTERM, as sphrun does), and the driver learn why."""
+    ready = tmp_path / "ready"
+    stand_in = (f"import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+                f"pathlib.Path({str(ready)!r}).touch(); time.sleep(10)")
+    monkeypatch.setattr(paper, "SPHRUN", [sys.executable, "-c", stand_in])
+
+    def stop_the_driver():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_the_driver, daemon=True).start()
+    code, signum, _ = paper.sphrun_process([])
+    assert (code, signum) == (143, signal.SIGTERM)

@@ -723,6 +723,10 @@ def describe_probe(p):
             f"more per pack; a Hessian-vector product {ms(p.hvp)} per image; a figure {p.plot:.1f} s")
 
 
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def duration(seconds):
     if seconds is None:
         return "?"
@@ -865,7 +869,7 @@ def run_stages(out, stages, jobs, record, index, count, estimate=None, execute=s
         if count > 1 and stage.kind != TRAIN:
             continue
         expected = stage_estimate(mine, estimate)
-        say(f"== {stage.name}: {stage.what} ({len(mine)} commands, estimate {duration(expected)})")
+        say(f"== {stage.name}: {stage.what} ({plural(len(mine), 'command')}, estimate {duration(expected)})")
         if stage.kind == DRAW:
             os.makedirs(os.path.join(out, "figures"), exist_ok=True)
         wall = 0.0
@@ -921,7 +925,7 @@ def print_plan(out, experiments, stages, jobs, record, estimate, commands=False,
             left = stage_estimate(mine, estimate, record)
             total += left or 0
         runs = sum(len(trained_runs(job)) for job in mine)
-        what = f"{runs} runs" if stage.kind == TRAIN else f"{len(mine)} commands"
+        what = plural(runs, "run") if stage.kind == TRAIN else plural(len(mine), "command")
         say(f"  {stage.name:<13} {what:>12}  estimate {duration(left) if left is not None else '-':>12}  {state}")
         figures = figure_numbers(stage)
         say(f"  {'':<13} {stage.what}" + (f"; figures {figures}" if figures and stage.kind == DRAW else ""))

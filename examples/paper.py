@@ -756,16 +756,17 @@ class Record:
             if made_at != scale:
                 raise DriverError(f"{self.out} was made at scale {made_at}, not {scale}: give another folder")
             return True
-        if os.path.isdir(self.out) and os.listdir(self.out):
+        # OUT/.paper alone: another shard of an array, started at the same moment, is making it
+        if os.path.isdir(self.out) and set(os.listdir(self.out)) - {STATE}:
             raise DriverError(f"{self.out} is not empty and was not made by paper.py: give a new or empty folder")
         return False
 
     def claim(self, scale):
-        if self.check_scale(scale):
-            return
-        for sub in ("commands", "stages"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-        write_json(self.settings_path(), {"scale": scale})
+        if not self.check_scale(scale):
+            for sub in ("commands", "stages"):
+                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            write_json(self.settings_path(), {"scale": scale})
+            self.check_scale(scale)  # two shards given different scales: the one that wrote last wins, the other stops
 
     def command_done(self, job):
         return read_json(os.path.join(self.root, "commands", job.key() + ".json"))

@@ -217,6 +217,13 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, e
     assert (tmp_path / "FOREIGN" / "mine.txt").read_text() == "a user's file"
 
 
+def test_shards_starting_together_share_the_folder(tmp_path):
+    """Array tasks start at the same moment: one finds OUT/.paper made by another, settings not yet written."""
+    (tmp_path / "out" / paper.STATE).mkdir(parents=True)
+    paper.Record(str(tmp_path / "out")).claim("demo")
+    paper.Record(str(tmp_path / "out")).claim("demo")
+
+
 def test_a_stop_signal_to_the_driver_alone_reaches_the_sphrun_command(tmp_path, monkeypatch):
     """A scheduler may signal the driver's process alone: sphrun must still save and stop (here a stand-in
     that exits 143 on SIGTERM, as sphrun does), and the driver learn why."""

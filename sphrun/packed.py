@@ -323,9 +323,10 @@ class Step:
         same either way; a failed capture ran no kernels, so it changed nothing). A failed capture (one
         an illegal op invalidated raises at its end) leaves the device as it was: the graph and its
         memory pool are released and the step's stream is current again, so the eager steps have it."""
-        stream = torch.cuda.current_stream(self.device)
-        graph = torch.cuda.CUDAGraph()
+        graph = None
         try:
+            graph = torch.cuda.CUDAGraph()  # may refuse at once: nothing captured, nothing to release
+            stream = torch.cuda.current_stream(self.device)
             with torch.cuda.graph(graph):
                 self.eager()
         except Exception as e:  # the device's own refusal, whatever its kind: eager training still works
@@ -333,7 +334,8 @@ class Step:
         else:
             self.graph = graph
             return
-        release_capture(graph, stream, self.device)  # after the except block: its traceback held the capture
+        if graph is not None:  # after the except block: its traceback held the capture
+            release_capture(graph, stream, self.device)
         self.eager_only = True
         message(f"note: CUDA graph capture failed ({failure}); training without it, more slowly")
 

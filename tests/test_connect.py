@@ -95,19 +95,21 @@ def test_projection_changes_gm_alone(runs):
 
 
 def edited_copy(run, tmp_path, settings=None, head=None):
-    """A copy of `run` whose config.json settings or frozen last layer are changed."""
+    """A copy of `run` whose settings (config.json's and its checkpoints', which must agree) or frozen last
+    layer are changed."""
     copy = str(tmp_path / "other")
     shutil.copytree(run, copy)
     path = os.path.join(copy, "config.json")
     config = json.load(open(path))
     config["settings"].update(settings or {})
     json.dump(config, open(path, "w"))
-    if head is not None:
-        for name in os.listdir(os.path.join(copy, "checkpoints")):
-            file = os.path.join(copy, "checkpoints", name)
-            state = torch.load(file, weights_only=True)
+    for name in os.listdir(os.path.join(copy, "checkpoints")):
+        file = os.path.join(copy, "checkpoints", name)
+        state = torch.load(file, weights_only=True)
+        state["settings"].update(settings or {})
+        if head is not None:
             state["model"]["head.weight"] = head(state["model"]["head.weight"])
-            torch.save(state, file)
+        torch.save(state, file)
     return copy
 
 

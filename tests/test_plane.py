@@ -105,9 +105,12 @@ def test_points_on_a_on_the_edge_and_at_c_measure_what_connect_measures(runs, cl
     code, err = cli("connect", a, c, "--points", "2", "--out", tmp_path / "ac")
     assert code == 0, err
     segment, to_c = read_csv(tmp_path / "ab" / "connect.csv"), read_csv(tmp_path / "ac" / "connect.csv")
-    for on_plane, on_segment in zip(rows[:3], segment):  # A, the middle of AB, B
+    # A, the middle of AB, B. The plane's points are theta_A + u e_u, the segment's lerp(theta_A, theta_B,
+    # alpha): the same weights to float32 rounding (1e-7), which the batch statistics amplify to 2e-5 in GM
+    # on some CPUs; a wrong radius or basis is off by percents.
+    for on_plane, on_segment in zip(rows[:3], segment):
         assert on_plane == pytest.approx({"u": on_plane["u"], "v": 0, **{k: on_segment[k] for k in COLUMNS}},
-                                         rel=1e-5, abs=1e-6)
+                                         rel=1e-4, abs=1e-6)
 
     # C lies on no grid point here: measure the plane at its coordinates as the command does
     _, settings, data, model, params, order, _ = restore(a, "last", "cpu")

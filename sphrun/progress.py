@@ -56,3 +56,23 @@ class StepProgress:
             self.bar.console.print(text, highlight=False, markup=False)
         else:
             message(text)
+
+
+def duration(seconds):
+    """A time to read at a glance: '45 s', '3 min 20 s', '2 h 05 min', '3.2 days', '55 years'."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+    if seconds < 365 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / (365.25 * 86400):,.0f} years"
+
+
+def time_left(began, done, total):
+    """Seconds the total - done pieces left will take at the pace of the `done` measured since `began`
+    (time.perf_counter); None before the first."""
+    return (time.perf_counter() - began) / done * (total - done) if done else None

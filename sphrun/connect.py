@@ -340,7 +340,7 @@ def data_fingerprint(record):
 
 def output_lock(out):
     """OUT's lock: one writer per output folder; a second connect there is refused in one line."""
-    return RunDir(out).lock(advice="give the other connect another --out")
+    return RunDir(out).lock(advice="give this connect another --out")
 
 
 def measure_all(unfinished, rows, total, per_pass, measure, label, where):

@@ -205,5 +205,5 @@ def test_a_second_connect_into_one_folder_is_refused_in_one_line(runs, cli, tmp_
     with RunDir(str(out)).lock():  # another connect writes there
         code, err = cli("connect", *runs, "--points", "2", "--out", out)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
-    assert "is being written by pid" in err and "give the other connect another --out" in err
+    assert "is being written by pid" in err and "give this connect another --out" in err
     assert os.listdir(out) == [".lock"]

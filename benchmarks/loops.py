@@ -24,8 +24,8 @@ from sphrun.data import NORMALIZATION, BatchOrder, read_image_folder, synthetic_
 from sphrun.lifecycle import Member, load_run_data
 from sphrun.metrics import batch_loss
 from sphrun.models import build_model, trainable_scale_invariant
-from sphrun.rundir import RunDir
-from sphrun.train import pack_members, run_pass
+from sphrun.rundir import RunDir, Status
+from sphrun.train import Pass, pack_members, run_pass
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -90,18 +90,18 @@ def sphrun_model_steps_per_second(configs, device, steps, warmup, clock=time.per
     `warmup` untimed steps first: on CUDA the step is captured in a CUDA graph there (after 3). `clock`:
     time.process_time gives the host's (CPU) time instead of the wall's."""
     first = configs[0]
-    data, identity = load_run_data(first, device)
+    data, data_id = load_run_data(first, device)
     order = BatchOrder(len(data.train_y), first.batch_size, first.data_seed, device)
     with tempfile.TemporaryDirectory() as folder:
         members = [Member(c, RunDir(os.path.join(folder, str(i)))) for i, c in enumerate(configs)]
         pack, step = pack_members(members, data, device)
         for m in members:
-            m.run.write_config(m.record(data, identity, order, sys.argv))
+            m.run.write_config(m.config_record(data, data_id, order, sys.argv))
 
-        def train_to(total):
+        def train_to(total):  # no evaluation point: the loop's steps alone
             for m in members:
-                m.status = "running"
-            run_pass(pack, step, data, order, members, total, [], {})
+                m.status = Status.RUNNING
+            run_pass(Pass(members, pack, step, data, order, total, eval_steps=[], keep={}))
 
         train_to(warmup)
         synchronize(device)

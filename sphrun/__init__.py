@@ -1,6 +1,6 @@
 """sphrun: train scale-invariant networks on the sphere and study their loss landscape."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class SphrunError(Exception):

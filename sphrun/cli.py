@@ -3,13 +3,14 @@
 import dataclasses
 import math
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
 try:  # Ctrl-C while the command starts: one line, as main() says it later, not a traceback
     import typer
 
     from sphrun import SphrunError, __version__
     from sphrun.config import TrainConfig, parse_subset
+    from sphrun.phases import HELP as PHASES_HELP
     from sphrun.progress import message
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
@@ -56,17 +57,36 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """
 
 
-# Says its default in words; the options using it hide Typer's own "[default: no-tf32]", said once.
-TF32_HELP = ("Let CUDA run convolutions and matrix products in TF32 (10-bit mantissa), as training does. "
-             "(default: off, full float32; no effect on the CPU)")
-STEP_HELP = ("Step direction: sgd (-gradient); random (a uniformly random direction tangent to the sphere, "
-             "as long as the SGD step: the random-walk control of phase 3); ascent (+gradient).")
-GEODESIC_HELP = ("Geodesic steps: turn theta along the great circle by exactly the nominal angle "
-                 "elr * ||grad on the unit sphere|| (radians; the sphere's exponential map), so the realised "
-                 "ELR is the nominal one and proj_err reads 0. Projected steps (the default, the paper's): "
-                 "theta + lr * direction, then rescaled to rho0, which turns theta by only arctan of that "
-                 "angle (1 - r under 2 % in phases 1-2, large in phase 3; docs/science.md, The step).")
-DEVICE_HELP = "Where to compute: auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N."
+# --- options several commands share, declared once ------------------------------------------------------
+Device = Annotated[str, typer.Option(
+    metavar="DEVICE", help="Where to compute: auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N.")]
+# Says its default in words and hides Typer's own "[default: no-tf32]".
+Tf32 = Annotated[bool, typer.Option(
+    show_default=False,
+    help="Let CUDA run convolutions and matrix products in TF32 (10-bit mantissa), as training does. "
+         "(default: off, full float32; no effect on the CPU)")]
+StepDirection = Annotated[str, typer.Option(
+    metavar="DIRECTION",
+    help="Step direction: sgd (-gradient); random (a uniformly random direction tangent to the sphere, as long "
+         "as the SGD step: the random-walk control of phase 3); ascent (+gradient).")]
+Geodesic = Annotated[bool, typer.Option(
+    help="Geodesic steps: turn theta along the great circle by exactly the nominal angle "
+         "elr * ||grad on the unit sphere|| (radians; the sphere's exponential map), so the realised ELR is the "
+         "nominal one and proj_err reads 0. Projected steps (the default, the paper's): theta + lr * direction, "
+         "then rescaled to rho0, which turns theta by only arctan of that angle (1 - r under 2 % in phases 1-2, "
+         "large in phase 3; docs/science.md, The step).")]
+OtherData = Annotated[bool, typer.Option(
+    "--other-data",
+    help="Measure on the data set found (--data-dir) though it is not the one the run (A, for connect) was "
+         "trained on, or connect runs trained on different data: the output records that data's fingerprint "
+         "(config.json, curvature.json), so its values never mix with those of the runs' own data. "
+         "(default: refused)")]
+
+
+def data_dir_option(whose):
+    """--data-dir of a command that reads `whose` data set (a run's, A's) from where it was trained."""
+    return Annotated[Optional[str], typer.Option(
+        metavar="DIR", help=f"Where {whose} data set is. (default: {whose} --data-dir)")]
 
 
 def parse_elr(text):
@@ -285,9 +305,9 @@ def train(
     keep: Optional[int] = typer.Option(
         None, metavar="K",
         help="Keep the checkpoint of every K-th evaluation point (first and last always). (default: all)"),
-    step: str = typer.Option("sgd", metavar="DIRECTION", help=STEP_HELP),
-    geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
-    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
+    step: StepDirection = "sgd",
+    geodesic: Geodesic = False,
+    device: Device = "auto",
     precision: str = typer.Option(
         "fp32", metavar="NAME",
         help="fp32 (TF32 convolutions allowed on CUDA), or bf16: convolutions and matrix products in "
@@ -368,15 +388,14 @@ def finetune(
         0, metavar="D",
         help="Steps D over which the ELR moves linearly from the parent's to --elr (the k-th step uses "
              "parent + (elr - parent) * k / D), then stays there. 0: a jump."),
-    step: str = typer.Option("sgd", metavar="DIRECTION", help=STEP_HELP),
-    geodesic: bool = typer.Option(False, help=GEODESIC_HELP),
+    step: StepDirection = "sgd",
+    geodesic: Geodesic = False,
     eval_every: Optional[int] = typer.Option(
         None, metavar="N",
         help="Evaluate every N steps from the start step. (default: log-spaced from the start step: every "
              "epoch for 10 epochs, then ~10 per decade)"),
-    data_dir: Optional[str] = typer.Option(
-        None, metavar="DIR", help="Where the parent's data set is. (default: the parent's --data-dir)"),
-    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
+    data_dir: data_dir_option("the parent's") = None,
+    device: Device = "auto",
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
         help="Run directory of the fine-tune. (default: beside the parent, "
@@ -403,7 +422,9 @@ def finetune(
     message(f"{child}: {status}")
 
 
-@app.command(cls=Command, short_help="Draw the paper's figures from runs, and classify their phases.")
+@app.command(cls=Command, short_help="Draw the paper's figures from runs, and classify their phases.",
+             help="Draw the paper's figures from run directories, and tell which phase each run is in.\n\n"
+                  + PHASES_HELP)
 def plot(
     paths: list[str] = typer.Argument(
         ..., metavar="RUN_OR_DIR",
@@ -438,29 +459,6 @@ def plot(
              "cosines in one box per ELR, phase draws one line per seed in the group's colour, and the phase "
              "table has one row per group. --no-aggregate draws every run alone."),
 ):
-    """Draw the paper's figures from run directories, and tell which phase each run is in.
-
-    --kind metrics prints, and writes as CSV beside the figure, one row per group of seeds (per ELR, and
-    per loss or parent where lines differ): the number of seeds, the phase of each, the majority phase
-    with how many seeds have it (agreement, e.g. 2 (3/3); a tie is undecided), the mean and standard
-    deviation over the seeds of the final metrics, and the evidence. Borders between phases are taken
-    between groups by their majority phase. The phase of a run is read from its later half (evaluation
-    points at or after its middle step), the rules tried in this order:
-
-    3 (divergence): the train error stays at chance, at least 90 % of 1 - 1/C at every point, and
-    neighbouring checkpoints are uncorrelated, median |cos_prev| under 0.2.
-
-    1 (convergence): the train error reached 0, or fell by a third or more over the later half, or the
-    weights turned less than 0.5 rad in all over it (the sum of the angles between neighbouring
-    checkpoints) while the train error is below chance (its median under 90 % of 1 - 1/C) and the train
-    loss is not rising.
-
-    2 (chaotic equilibrium): the train error is stuck clearly between 0 and chance (its median at least
-    1 % and under 90 % of 1 - 1/C, down by less than a quarter) while the weights turned 1 rad or more;
-    loss and GM may still settle.
-
-    undecided: fewer than 4 evaluation points in the later half, or no rule fits.
-    """
     from sphrun.plot import plot as draw
     from sphrun.rundir import check_output_file
 
@@ -500,19 +498,15 @@ def connect(
              "the plane the ends' radii interpolated by the point's barycentric coordinates). Only GM depends "
              "on it. (default: on for runs on the sphere; runs trained off it (--no-sphere) are never "
              "rescaled)"),
-    data_dir: Optional[str] = typer.Option(
-        None, metavar="DIR", help="Where A's data set is. (default: A's --data-dir)"),
-    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
-    other_data: bool = typer.Option(
-        False, "--other-data",
-        help="Go on when the data set found (--data-dir) is not the one A was trained on, or B (or C) was "
-             "trained on other data than A: recorded in config.json. (default: refused)"),
+    data_dir: data_dir_option("A's") = None,
+    device: Device = "auto",
+    other_data: OtherData = False,
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
         help="Output folder, a folder of its own: never a run directory, inside one, or a folder of runs. "
              "(default: connect/<A>@<step>--<B>@<step>[-p<points>][-bn<N>][-noproj][-tf32], and for a "
              "plane connect/<A>@<step>--<B>@<step>--<C>@<step>[-g<grid>][-m<margin>][-bn<N>][-noproj][-tf32])"),
-    tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
+    tf32: Tf32 = False,
 ):
     """Linear mode connectivity: metrics along (1 - alpha) theta_A + alpha theta_B (docs/science.md,
     Linear mode connectivity); with three runs, over the plane through them.
@@ -604,15 +598,10 @@ def curvature(
     recompute: bool = typer.Option(False, help="Measure again steps already in curvature.csv."),
     seed: int = typer.Option(
         0, metavar="SEED", help="Seed of the probes and of the Lanczos start vector, 0 or more."),
-    data_dir: Optional[str] = typer.Option(
-        None, metavar="DIR", help="Where the run's data set is. (default: its --data-dir)"),
-    other_data: bool = typer.Option(
-        False, "--other-data",
-        help="Measure on the data set found (--data-dir) though the run was trained on other data; the "
-             "columns then record that data's fingerprint in curvature.json, and never mix with values "
-             "measured on the run's own. (default: refused)"),
-    device: str = typer.Option("auto", metavar="DEVICE", help=DEVICE_HELP),
-    tf32: bool = typer.Option(False, help=TF32_HELP, show_default=False),
+    data_dir: data_dir_option("the run's") = None,
+    other_data: OtherData = False,
+    device: Device = "auto",
+    tf32: Tf32 = False,
 ):
     """Curvature of the train loss at a run's checkpoints (docs/science.md, What is measured; the
     paper's figures 22, 23).
@@ -647,6 +636,8 @@ def main():
 
 def run_app():
     import signal
+
+    import torch  # noqa: F401 (the slow part of starting, imported where a Ctrl-C during it is met)
 
     from sphrun.stopping import Interrupted, StopNow
 

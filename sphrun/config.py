@@ -45,7 +45,7 @@ class TrainConfig:
     sphere: bool = True
     wd: float = 0.0  # weight decay, off the sphere only
     momentum: float = 0.0  # off the sphere only
-    precision: str = "fp32"  # part of the run's identity: bf16 follows another trajectory
+    precision: str = "fp32"  # part of the run key: bf16 follows another trajectory
     # A fine-tune (`sphrun finetune`) begins at step `origin` of its lineage, from its parent's checkpoint
     # there; its ELR moves linearly from `elr_from` (the parent's) to `elr` over `transition` steps.
     origin: int = 0
@@ -82,8 +82,9 @@ class TrainConfig:
             raise SphrunError(f"unknown settings {sorted(unknown)} in config.json")
         return cls(**d)
 
-    def identity(self):
-        """The settings that fix the trajectory: two invocations may share a run directory iff equal."""
+    def run_key(self):
+        """The settings that fix the trajectory: two invocations may share a run directory iff equal (its
+        checkpoints carry it)."""
         d = self.to_dict()
         for name in NON_IDENTITY_FIELDS:
             d.pop(name)
@@ -106,7 +107,7 @@ class TrainConfig:
         defaults = TrainConfig(elr=self.elr, loss=self.loss, model=self.model, sphere=self.sphere)
         named = ("dataset", "subset", "model", "width", "loss", "elr", "seed", "step", "geodesic", "sphere",
                  "wd", "momentum", "precision")
-        rest = {k: v for k, v in self.identity().items() if k not in named and v != getattr(defaults, k)}
+        rest = {k: v for k, v in self.run_key().items() if k not in named and v != getattr(defaults, k)}
         if rest:  # other non-default settings: a short digest keeps names unique and readable
             parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8])
         return "-".join(parts)

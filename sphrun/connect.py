@@ -14,6 +14,11 @@ With three checkpoints, the points of a grid over the plane through them (geomet
 measured the same way (point_metrics), after the same checks of the ends (open_ends). On CUDA the ConvNet
 on the sphere measures POINTS_PER_PASS of them at once, as the members of one packed network
 (sphrun.packed: they share one function space); other models take one point at a time.
+
+A measurement is long (a plane at --grid 11 took 35 min on a CPU), so each pass's points are kept as it
+ends (Unfinished); a stop signal gives up the pass under way at its next batch, and the same command
+resumes. The table, config.json and figure are written together once every point is measured
+(write_output): an output folder changes as a whole or not at all. One process writes a folder at a time.
 """
 
 import contextlib
@@ -28,13 +33,14 @@ from typing import NamedTuple
 import torch
 
 from sphrun import SphrunError, __version__
+from sphrun.checkpoint import Checkpoint
 from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, ConvNet, build_model
 from sphrun.packed import pack_models
 from sphrun.plane import grid, span_plane
-from sphrun.progress import StepProgress, duration, message, time_left
-from sphrun.rundir import (CannotWrite, RunDir, append_line, cannot_write, check_output_folder, format_value, remove_files,
-                           remove_temporaries, write_text, written_together)
+from sphrun.progress import StepProgress, duration, message
+from sphrun.rundir import (CannotWrite, RunDir, append_line, cannot_write, check_output_folder, format_value,
+                           remove_files, remove_temporaries, write_text, written_together)
 from sphrun.sphere import global_norm, project_
 from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
@@ -63,11 +69,11 @@ class End(NamedTuple):
     run: RunDir
     stored: dict  # config.json
     config: object  # its settings, a TrainConfig
-    checkpoint: dict
+    checkpoint: Checkpoint
 
     @property
     def iter(self):
-        return int(self.checkpoint["iter"])
+        return self.checkpoint.iter
 
 
 def load_end(path, which):
@@ -99,7 +105,7 @@ def incompatibility(a, b):
     if kind(a) != kind(b):
         return f"another data source ({kind(a)} in {a.run}, {kind(b)} in {b.run})"
     for name in parameter_names(a):
-        ta, tb = a.checkpoint["model"].get(name), b.checkpoint["model"].get(name)
+        ta, tb = a.checkpoint.model.get(name), b.checkpoint.model.get(name)
         if ta is None or tb is None or ta.shape != tb.shape or not torch.equal(ta, tb):
             return (f"a different frozen layer ({name} differs; "
                     f"train both with the same --head-seed and --init-scale)")
@@ -205,7 +211,7 @@ def option_parts(bn_batches, project, allow_tf32):
 
 
 def end_record(end, radius):
-    return {"run": end.run.path, "iter": end.iter, "elr": end.checkpoint.get("elr"), "radius": radius,
+    return {"run": end.run.path, "iter": end.iter, "elr": end.checkpoint.elr, "radius": radius,
             "settings": end.stored["settings"]}
 
 
@@ -280,27 +286,22 @@ class Unfinished:
     def remove(self):
         remove_files([self.path])
 
-    @contextlib.contextmanager
-    def interrupted_when_stopped(self, total):
-        """A stop signal (StopNow: the first gives up the pass under way, a second stops at once) becomes
-        Interrupted, saying where the points are kept."""
-        try:
-            yield
-        except StopNow as e:
-            at = (f"at point {self.kept + 1:,} of {total:,}" if self.kept < total else
-                  "while writing the output")
-            raise Interrupted(f"interrupted{by_signal(e.signum)} {at}: {self.measured} kept in {self.path}; run "
-                              f"the same command to resume", e.signum) from e
-
     @property
     def measured(self):
         return "no point measured yet" if not self.kept else f"the {self.kept:,} point{'s' * (self.kept > 1)} measured"
 
     @contextlib.contextmanager
-    def say_what_is_kept_on_failure(self, out):
-        """A write that fails says what is kept: OUT's earlier files, and the points measured."""
+    def saying_what_is_kept(self, total):
+        """A stop signal (StopNow: the first gives up the pass under way, a second stops at once) becomes
+        Interrupted, and a write that fails (CannotWrite) says that OUT keeps its earlier files; both name
+        where the points measured are kept."""
+        out = os.path.dirname(self.path)
         try:
             yield
+        except StopNow as e:
+            at = f"at point {self.kept + 1:,} of {total:,}" if self.kept < total else "while writing the output"
+            raise Interrupted(f"interrupted{by_signal(e.signum)} {at}: {self.measured} kept in {self.path}; run "
+                              f"the same command to resume", e.signum) from e
         except CannotWrite as e:
             raise CannotWrite(f"{e}: {out} keeps its earlier files, and {self.measured} stay in {self.path}; free "
                               f"some space, then run the same command to go on") from e
@@ -323,7 +324,7 @@ def differences(theirs, ours):
 
 def ends_identity(ends):
     """The ends of a measurement: each one's step and a digest of its checkpoint's weights."""
-    return [{"iter": end.iter, "weights": weights_digest(end.checkpoint["model"])} for end in ends]
+    return [{"iter": end.iter, "weights": weights_digest(end.checkpoint.model)} for end in ends]
 
 
 def weights_digest(state):
@@ -349,20 +350,19 @@ def measure_all(unfinished, rows, total, per_pass, measure, label, where):
     once a stop signal came, giving the pass up). Each pass's rows are kept as it ends. After the first pass,
     says how long the rest will take; each point's line says how far and how long."""
     with StopRequest() as stop, StepProgress(total, start=len(rows), label=label) as bar:
-        began, measured = time.perf_counter(), 0
+        first = True
         while len(rows) < total:
             stop.check()
             new = measure(len(rows), min(len(rows) + per_pass, total), stop.check)
             unfinished.add(new)
             rows += new
-            measured += len(new)
-            left = time_left(began, measured, measured + total - len(rows))
-            if measured == len(new) and len(rows) < total:
-                bar.log(f"{measured} point{'s' * (measured > 1)} took {duration(time.perf_counter() - began)}: the "
-                        f"{total - len(rows):,} left take about {duration(left)}")
+            if first and len(rows) < total:
+                bar.log(f"{len(new)} point{'s' * (len(new) > 1)} took {duration(time.monotonic() - bar.started)}: "
+                        f"{bar.time_left(len(rows))} for the other {total - len(rows):,} at that pace")
+                first = False
             bar.update(len(rows))
             for k, row in enumerate(new, len(rows) - len(new) + 1):
-                bar.log(f"{k:,}/{total:,}  {where(row)}  {point_text(row)}  ({duration(left)} left)")
+                bar.log(f"{k:,}/{total:,}  {where(row)}  {point_text(row)}  ({bar.time_left(len(rows))})")
     return rows
 
 
@@ -405,7 +405,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
         run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir, other_data)
         names = {id(p): n for n, p in model.named_parameters()}
         theta_a = [p.detach().clone() for p in params]
-        theta_b = [b.checkpoint["model"][names[id(p)]].to(p.device, p.dtype) for p in params]
+        theta_b = [b.checkpoint.model[names[id(p)]].to(p.device, p.dtype) for p in params]
         rho_a, rho_b = global_norm(theta_a).item(), global_norm(theta_b).item()
         permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
         batches = full_batches(permutation, config.batch_size)
@@ -431,7 +431,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
             rows = unfinished.resume(lambda i: (alpha_at(i),), ("alpha",))
             message(f"connecting {a.run} at step {a.iter} to {b.run} at step {b.iter}: {points:,} points"
                     + resumed(unfinished, points))
-            with unfinished.interrupted_when_stopped(points), unfinished.say_what_is_kept_on_failure(out), tf32(allow_tf32):
+            with unfinished.saying_what_is_kept(points), tf32(allow_tf32):
                 rows = measure_all(unfinished, rows, points, 1, measure, "connect", lambda r: f"alpha {r['alpha']:.3f}")
                 alphas = [r["alpha"] for r in rows]
                 record = {"command": "connect", "a": end_record(a, rho_a), "b": end_record(b, rho_b),
@@ -470,7 +470,7 @@ def draw_segment(folder, path):
 # --- the plane through three solutions (its geometry: sphrun.plane) -------------------------------------
 def flat_weights(end, names):
     """An end's trained weights as one flat vector, in the network's parameter order."""
-    return torch.cat([end.checkpoint["model"][name].reshape(-1) for name in names])
+    return torch.cat([end.checkpoint.model[name].reshape(-1) for name in names])
 
 
 def points_per_pass(model, sphere, device):
@@ -555,7 +555,7 @@ def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, projec
             rows = unfinished.resume(lambda i: coordinates[i], ("u", "v"))
             message(f"the plane through {', '.join(f'{e.run} at step {e.iter}' for e in ends)}: {points:,} x "
                     f"{points:,} = {total:,} points, {min(per_pass, total)} per pass" + resumed(unfinished, total))
-            with unfinished.interrupted_when_stopped(total), unfinished.say_what_is_kept_on_failure(out), tf32(allow_tf32):
+            with unfinished.saying_what_is_kept(total), tf32(allow_tf32):
                 rows = measure_all(unfinished, rows, total, per_pass, measure, "plane",
                                    lambda r: f"u {r['u']:.4g}  v {r['v']:.4g}")
                 lengths = {"ab": plane.b, "ac": math.hypot(*plane.c)}

@@ -39,14 +39,13 @@ import csv
 import json
 import math
 import os
-import time
 from typing import NamedTuple
 
 import torch
 
 from sphrun import SphrunError, __version__, noise
 from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, train_metrics
-from sphrun.progress import StepProgress, duration, message, time_left
+from sphrun.progress import StepProgress, message
 from sphrun.rundir import CannotWrite, RunDir, format_value, remove_temporaries, write_text
 from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
@@ -489,7 +488,7 @@ def resolve_targets(run, at):
     targets = {}
     for which in at:
         if which == "last":
-            it = int(run.load_checkpoint("last")["iter"])
+            it = run.load_checkpoint("last").iter
             targets.setdefault(it, it if run.has_checkpoint(it) else "last")
         else:
             if not run.has_checkpoint(which):
@@ -564,7 +563,7 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=N
     units = sum(cost_units(missing, num_batches, probes, lanczos) for _, _, missing in todo)
     measured = {}
     message(f"measuring {len(todo)} checkpoint(s) of {run} over {num_batches} batches of {config.batch_size}")
-    done, began, it, m = 0, time.perf_counter(), todo[0][1], todo[0][2][0]
+    done, it, m = 0, todo[0][1], todo[0][2][0]
     with StopRequest() as stop, StepProgress(units, label="curvature") as bar, tf32(allow_tf32):
         def advance():  # after each batch pass: a stop signal gives up the value under way
             nonlocal done
@@ -574,8 +573,8 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=N
                 bar.update(done)
 
         def log(text):
-            left = time_left(began, done, units)
-            bar.log(f"step {it:>7d}  {m} {text}" + (f"  ({duration(left)} left)" if left is not None else ""))
+            left = bar.time_left(done)
+            bar.log(f"step {it:>7d}  {m} {text}" + (f"  ({left})" if left else ""))
 
         try:
             for which, it, missing in todo:
@@ -599,7 +598,8 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=N
                     log(describe(value))
         except StopNow as e:
             files = [path for path in dict.fromkeys(map(store.path_of, measures)) if os.path.exists(path)]
-            kept = f"the values measured before it are kept in {' and '.join(files)}" if files else "nothing measured yet"
+            kept = (f"the values measured before it are kept in {' and '.join(files)}" if files
+                    else "nothing measured yet")
             raise Interrupted(f"interrupted{by_signal(e.signum)} at step {it} ({m}): {kept}; run the same command to "
                               f"measure the rest", e.signum) from e
         bar.update(done)

@@ -69,10 +69,7 @@ def finetune(parent_path, elr, start="last", iters=None, epochs=None, transition
     with parent.lock():  # a consistent snapshot: nobody writes the parent while we read it
         checkpoint = parent.load_checkpoint(which)
         rows = parent.read_metrics()
-    try:
-        origin, parent_elr = int(checkpoint["iter"]), float(checkpoint["elr"])
-    except (KeyError, TypeError, ValueError):
-        raise SphrunError(f"{parent.checkpoint_path(which)} is not a sphrun checkpoint (no step or ELR)")
+    origin, parent_elr = int(checkpoint.iter), float(checkpoint.elr)
     # the transition starts from the ELR of the parent's last step before the checkpoint
     config = dataclasses.replace(config, origin=origin, elr_from=parent_elr)
     out = out or child_path(parent_path, config)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from sphrun import SphrunError, __version__, noise
+from sphrun.checkpoint import Checkpoint
 from sphrun.config import TrainConfig, evaluation_steps
 from sphrun.data import BatchOrder, load_data
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import message
-from sphrun.rundir import RunDir, check_run_location
+from sphrun.rundir import RunDir, Status, check_run_location, outermost_missing
 from sphrun.sphere import global_norm
 
 
@@ -60,26 +61,23 @@ class RunState:
     wall_s: float
     momentum: list | None = None  # off the sphere: SGD's momentum buffers, shaped like the weights
 
-    def checkpoint(self, model_state, elr):
-        ckpt = {"iter": self.iter, "elr": elr, "rho0": self.rho0, "model": model_state,
-                "theta_init": self.theta_init, "theta_prev": self.theta_prev,
-                "proj_err_sum": self.proj_err_sum, "proj_err_steps": self.proj_err_steps,
-                "wall_s": self.wall_s}
-        if self.momentum is not None:
-            ckpt["momentum"] = self.momentum
-        return ckpt
+    def checkpoint(self, model_state, elr, settings):
+        """The Checkpoint of this state with the model's `model_state`, the ELR of the step that led here
+        and the run key of the settings it trains under."""
+        return Checkpoint(self.iter, elr, self.rho0, model_state, self.theta_init, self.theta_prev,
+                          self.proj_err_sum, self.proj_err_steps, self.wall_s, self.momentum, settings)
 
     @classmethod
-    def from_checkpoint(cls, ckpt, model, params, path):
+    def from_checkpoint(cls, checkpoint, model, params, path):
+        """The state saved in `checkpoint` (read from `path`), its weights loaded into `model`."""
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(checkpoint.model)
             device = params[0].device
             to_device = lambda ts: [t.to(device) for t in ts]
-            momentum = ckpt.get("momentum")
-            return cls(int(ckpt["iter"]), float(ckpt["rho0"]), to_device(ckpt["theta_init"]),
-                       to_device(ckpt["theta_prev"]), ckpt["proj_err_sum"].to(device),
-                       int(ckpt["proj_err_steps"]), float(ckpt["wall_s"]),
-                       None if momentum is None else to_device(momentum))
+            return cls(int(checkpoint.iter), float(checkpoint.rho0), to_device(checkpoint.theta_init),
+                       to_device(checkpoint.theta_prev), checkpoint.proj_err_sum.to(device),
+                       int(checkpoint.proj_err_steps), float(checkpoint.wall_s),
+                       None if checkpoint.momentum is None else to_device(checkpoint.momentum))
         except (KeyError, RuntimeError, AttributeError, TypeError) as e:
             raise SphrunError(f"{path} does not fit this model ({type(e).__name__})")
 
@@ -88,7 +86,7 @@ class RunState:
 class Start:
     """Where a new fine-tune begins: its parent's checkpoint, the parent's metrics row at that step (None
     when the checkpoint is off its evaluation points) and the `parent` record for config.json."""
-    checkpoint: dict
+    checkpoint: Checkpoint
     path: str
     row: dict | None
     parent: dict
@@ -102,14 +100,15 @@ def fresh_state(params):
 
 
 def load_run_data(config, device):
-    """The data set of `config` on `device` (channels_last on CUDA, stored so once) and its identity."""
+    """The data set of `config` on `device` (channels_last on CUDA, stored so once) and its identity
+    (data_identity)."""
     data = load_data(config.dataset, config.data_dir, config.subset, "cpu")
-    identity = data_identity(data)
+    data_id = data_identity(data)
     data = data.to(device)
     if device.type == "cuda":
         data.train_x = data.train_x.contiguous(memory_format=torch.channels_last)
         data.test_x = data.test_x.contiguous(memory_format=torch.channels_last)
-    return data, identity
+    return data, data_id
 
 
 def data_identity(data):
@@ -156,14 +155,14 @@ def total_steps(config, steps_per_epoch):
     return config.origin + length
 
 
-def run_record(config, data, identity, order, rho0, argv, parent=None):
-    """config.json's content for a new run; `identity`: its data's (data_identity). A random-step run
+def run_record(config, data, data_id, order, rho0, argv, parent=None):
+    """config.json's content for a new run; `data_id`: its data's identity (data_identity). A random-step run
     names the generator of its directions (sphrun.noise), which its resumes must share."""
     random = {"random_directions": noise.GENERATOR} if config.step == "random" else {}
     return {"command": "finetune" if parent else "train", "settings": config.to_dict(), **random,
             "data_source": data.source, "num_classes": data.num_classes, "train_size": len(data.train_y),
-            "test_size": len(data.test_y), "data": identity,
-            "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": "running",
+            "test_size": len(data.test_y), "data": data_id,
+            "steps_per_epoch": order.steps_per_epoch, "rho0": rho0, "parent": parent, "status": Status.RUNNING,
             "elr_meaning": ("effective learning rate on the unit sphere: lr = elr * rho0^2" if config.sphere else
                             "plain SGD learning rate (trained off the sphere): settings.elr and the elr "
                             "column hold lr"),
@@ -172,20 +171,23 @@ def run_record(config, data, identity, order, rho0, argv, parent=None):
 
 
 def read_settings(run):
-    """A run's config.json and its settings as a TrainConfig."""
+    """A run's config.json and its settings as a TrainConfig. Its metrics.csv is read too, so that every
+    command that reads a run (resume, extend, finetune, connect, curvature) refuses a damaged history."""
     stored = run.read_config()
     try:
-        return stored, TrainConfig.from_dict(stored["settings"])
+        config = TrainConfig.from_dict(stored["settings"])
     except (SphrunError, TypeError) as e:
         raise SphrunError(f"{run.config_path} has unusable settings: {e}")
+    run.read_metrics()
+    return stored, config
 
 
 def check_same_run(run, config):
     """Refuse to continue a run directory that holds another configuration (length aside); returns its
     config.json."""
     stored, settings = read_settings(run)
-    theirs = settings.identity()
-    ours = config.identity()
+    theirs = settings.run_key()
+    ours = config.run_key()
     differing = [k for k in ours if ours[k] != theirs.get(k)]
     if differing:
         detail = ", ".join(f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in differing)
@@ -198,9 +200,9 @@ def check_same_run(run, config):
     return stored
 
 
-def check_same_data(run, stored, identity):
-    """Refuse to resume or extend a run on other data than its own."""
-    difference = data_difference(identity, stored.get("data"))
+def check_same_data(run, stored, data_id):
+    """Refuse to resume or extend a run on other data than its own (`data_id`: the data's identity)."""
+    difference = data_difference(data_id, stored.get("data"))
     if difference:
         raise SphrunError(f"{run} was trained on other data ({difference}; it used "
                           f"{stored.get('data_source')}): point --data-dir at its data, or choose another --out")
@@ -214,13 +216,13 @@ def nothing_left(run, stored, config, at, total):
     """(status, the line that says so) of an existing run (`stored`: its config.json) at step `at` that
     has nothing left to do on the way to step `total` (done, or diverged); None when it has. A run
     already past `total` is refused."""
-    if stored["status"] == "diverged":
-        return "diverged", f"{run} diverged earlier; nothing to do"
+    if stored["status"] == Status.DIVERGED:
+        return Status.DIVERGED, f"{run} diverged earlier; nothing to do"
     if at > total:
         raise SphrunError(f"{run} is already at step {at}, past the {total} steps asked; "
                           f"ask for more steps to extend it")
     if at == total:  # done, or stopped at its last step before it could say so
-        return "done", (f"{run} is complete ({total - config.origin} steps); "
+        return Status.DONE, (f"{run} is complete ({total - config.origin} steps); "
                         f"ask for more --epochs or --iters to extend it")
     return None
 
@@ -237,8 +239,8 @@ def restore(path, which="last", device="cpu", data_dir=None, other_data=False):
         config = dataclasses.replace(config, data_dir=data_dir)
     checkpoint = run.load_checkpoint(which)
     device = use_device(device) if isinstance(device, str) else device
-    data, identity = load_run_data(config, device)
-    difference = data_difference(identity, stored.get("data"))
+    data, data_id = load_run_data(config, device)
+    difference = data_difference(data_id, stored.get("data"))
     if difference and not other_data:
         raise SphrunError(f"{run} was trained on other data ({difference}; it used "
                           f"{stored.get('data_source')}): point --data-dir at its data, or pass --other-data "
@@ -258,14 +260,14 @@ class Member:
     run: RunDir
     start: Start | None = None  # a new fine-tune's parent checkpoint
     stored: dict | None = None  # config.json of an existing run with a checkpoint to resume from
-    checkpoint: dict | None = None  # that checkpoint (last.pt, or the newest sound one)
-    status: str = "running"  # running while it has work to do, else the run's status
+    checkpoint: Checkpoint | None = None  # that checkpoint (last.pt, or the newest sound one)
+    status: Status = Status.RUNNING  # running while it has work to do, else the run's status
     state: RunState | None = None
     note: str | None = None  # what the command does with it, said once every run passed its checks
 
     @property
     def begins_at(self):
-        return int(self.checkpoint["iter"]) if self.checkpoint else self.config.origin
+        return self.checkpoint.iter if self.checkpoint else self.config.origin
 
     def load_state(self, model, params):
         """Load `model` (the member's, freshly built) where the member begins, and set its RunState."""
@@ -276,10 +278,10 @@ class Member:
         else:
             self.state = fresh_state(params)
 
-    def record(self, data, identity, order, argv):
+    def config_record(self, data, data_id, order, argv):
         """config.json's content for this member as a new run."""
         parent = self.start.parent if self.start else None
-        return run_record(self.config, data, identity, order, self.state.rho0, argv, parent)
+        return run_record(self.config, data, data_id, order, self.state.rho0, argv, parent)
 
 
 def open_member(config, path, total, start=None, steps_per_epoch=None):
@@ -317,39 +319,50 @@ class Runs:
     order per data seed, the step they all train to, and the device."""
     members: list
     data: object
-    identity: dict
+    data_id: dict  # the data's identity (data_identity)
     orders: dict
     total: int
     device: torch.device
+    made: list  # (directory, outermost folder made for it) of runs new to this command (remove_unstarted)
 
 
 def open_runs(configs, paths, locks, start=None):
     """Open the runs of `configs` (alike but for ELR and seeds) in `paths`, each locked into `locks` (an
-    ExitStack) before it is read: every directory is checked against its settings before the data is
-    loaded, and against the data and its own files after, before anything is written. `start`: a new
-    fine-tune's parent checkpoint."""
+    ExitStack) before anything of it is read, so that of two launches however close only one trains it:
+    every directory is checked against its settings before the data is loaded, and against the data and
+    its own files after, before anything is written. `start`: a new fine-tune's parent checkpoint."""
     first = configs[0]
     device = use_device(first.device)
-    for config, path in zip(configs, paths):
-        check_run_location(path)
-        if RunDir(path).exists():
-            locks.enter_context(RunDir(path).lock())
-            check_same_run(RunDir(path), config)
-    data, identity = load_run_data(first, device)
-    orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
-    total = total_steps(first, orders[first.data_seed].steps_per_epoch)
-    members = [open_member(c, p, total, start, orders[c.data_seed].steps_per_epoch)
-               for c, p in zip(configs, paths)]
-    for m in members:
-        if m.stored:
-            check_same_data(m.run, m.stored, identity)
-        elif m.start and data_difference(identity, m.start.data):
-            m.note = (f"note: {m.start.parent['run']} was trained on other data "
-                      f"({data_difference(identity, m.start.data)}); the fine-tune goes on with these")
-    for m in members:
-        if not m.run.exists():  # a new run: its directory is made and locked once every check passed
-            locks.enter_context(m.run.lock())
-            if m.run.exists():
-                raise SphrunError(f"another process started a run in {m.run} meanwhile: run the command "
-                                  f"again")
-    return Runs(members, data, identity, orders, total, device)
+    made = []  # directories this command made to lock them: removed again when a check refuses
+    try:
+        for config, path in zip(configs, paths):
+            check_run_location(path)
+            outermost_new = outermost_missing(path)
+            locks.enter_context(RunDir(path).lock())  # makes the directory; refused while another holds it
+            if outermost_new:  # only the lock's holder may remove what it made
+                made.append((path, outermost_new))
+            if RunDir(path).exists():
+                check_same_run(RunDir(path), config)
+        data, data_id = load_run_data(first, device)
+        orders = {c.data_seed: BatchOrder(len(data.train_y), c.batch_size, c.data_seed, device) for c in configs}
+        total = total_steps(first, orders[first.data_seed].steps_per_epoch)
+        members = [open_member(c, p, total, start, orders[c.data_seed].steps_per_epoch)
+                   for c, p in zip(configs, paths)]
+        for m in members:
+            if m.stored:
+                check_same_data(m.run, m.stored, data_id)
+            elif m.start and data_difference(data_id, m.start.data):
+                m.note = (f"note: {m.start.parent['run']} was trained on other data "
+                          f"({data_difference(data_id, m.start.data)}); the fine-tune goes on with these")
+    except BaseException:
+        remove_unstarted(made)
+        raise
+    return Runs(members, data, data_id, orders, total, device, made)
+
+
+def remove_unstarted(made):
+    """Remove the directories (path, outermost folder made for it) a command made to lock runs it then
+    never started: a refusal, or a stop before their pass."""
+    for path, outermost_new in made:
+        if not RunDir(path).exists():
+            RunDir(path).remove_if_empty(up_to=outermost_new)

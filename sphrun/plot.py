@@ -13,18 +13,20 @@ from matplotlib.colors import LogNorm, Normalize, to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from matplotlib.tri import CubicTriInterpolator, Triangulation
 
 from sphrun import SphrunError
-from sphrun.phases import group_table, majority_phase, report_phases, table_path_for
+from sphrun.phase_table import group_table, majority_phase, report_phases, table_path_for
+from sphrun.phases import TOO_SHORT, UNDECIDED
 from sphrun.progress import message
 from sphrun.rundir import written_together
 from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, PLANE_MARKER, RUN_MARKER, connect_train_size, dataset_key,
-                         describe_dataset, elr_text, find_dirs, find_settings, group_series, load_runs,
+                         describe_dataset, elr_text, epoch_at, find_dirs, find_settings, group_series, load_runs,
                          note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,
                          read_density, read_plane, require_columns, series_label)
 from sphrun.style import (BAND_ALPHA, BAND_EDGE, ELR_COLORS, LOSS_MARKERS, PHASE_COLORS, PHASE_EDGES,
-                          ReadableLogFormatter, ReadableLogLocator, axis_label, check_out, elr_norm, figure_legend,
-                          new_figure, phase_patches, save, set_scale, shown, styled)
+                          UNDECIDED_SHADE, ReadableLogFormatter, ReadableLogLocator, axis_label, check_out, elr_norm,
+                          figure_legend, new_figure, phase_patches, save, set_scale, shown, styled)
 
 PROJECTION_LIMIT = 0.02  # the paper: 1 - r stays under 2 % in phases 1 and 2
 BOX_SLOT = 0.8  # of the room between neighbouring ELRs on the cosine figure, shared by their boxes
@@ -33,23 +35,33 @@ LONE_BAND = 1.2  # a single ELR's phase is shaded this factor either side of it,
 NEAR_BOUND = 0.5  # of the cosines' spread: 0 (uncorrelated) or 1 (parallel) that near them stays in view
 SURFACE_LEVELS = 12  # filled contour levels of a panel of the plane
 SURFACE_COLORS = "viridis"
+ROUND_STEPS = [1, 2, 2.5, 5, 10]  # times a power of ten: the plane's even levels and colour-bar ticks
+DRAWN_GRID = 201  # points per axis the plane's surface is drawn on, interpolated from the measured grid
+PLANE_LAYOUT = {False: (2.3, 1.4), True: (1.4, 1.95)}  # inches: a panel's width, the room around: alone, two
 LOG_COLUMNS = ("train_loss", "test_loss", "gm")  # drawn on log scales (levels) where all positive
 DENSITY_FLOOR = 1e-6  # of the highest density: the bottom of the spectrum's log axis
 STEP_COLORS = "plasma"  # one run's densities at several steps, early to late
 
 
-def title(runs):
-    """'CIFAR-10 (5,000 train images), cross-entropy, ConvNet c=8': the data, the losses, the models."""
+def title(runs, in_legend=()):
+    """'CIFAR-10 (5,000 train images), cross-entropy, ConvNet c=8': the data, the losses, the models; the
+    losses or models the legend names (`in_legend`: "losses", "models") are left to it where they differ."""
+    losses = {r.loss for r in runs}
     models = {(r.settings.get("model", "convnet"), r.settings.get("width")) for r in runs}
-    return heading(describe_dataset(*dataset_key(runs[0])), {r.loss for r in runs}, models)
+    if "losses" in in_legend and len(losses) > 1:
+        losses = set()
+    if "models" in in_legend and len(models) > 1:
+        models = set()
+    return heading(describe_dataset(*dataset_key(runs[0])), losses, models)
 
 
 def heading(data, losses, models):
     """The data set, the losses and the (model, width) pairs in one line, or two where one would not fit."""
     losses = " and ".join(LOSS_NAMES.get(l, l) for l in sorted(losses))
     model_text = ", ".join(f"{'ConvNet' if m == 'convnet' else m} c={w}" for m, w in sorted(models, key=str))
-    text = f"{data}, {losses}, {model_text}"
-    return text if len(text) <= 48 else f"{data}\n{losses}, {model_text}"  # 48 characters fill a column
+    rest = ", ".join(part for part in (losses, model_text) if part)
+    text = ", ".join(part for part in (data, rest) if part)
+    return text if len(text) <= 48 or not rest else f"{data}\n{rest}"  # 48 characters fill a column
 
 
 # --- connect -----------------------------------------------------------------------------------------
@@ -118,8 +130,9 @@ def plane_figure(folder, out_path, columns=("train_loss", "test_err")):
 @styled
 def draw_plane(folder, columns=("train_loss", "test_err")):
     """Filled contours of each of `columns` over the plane through three solutions (Garipov et al. 2018,
-    figure 1), one panel each: log levels for losses and GM, even ones for errors (%); the solutions
-    marked and named, the segments between them dashed, the cosine of the angle at A in the legend."""
+    figure 1), one panel each, side by side: log levels for losses and GM, even ones for errors (%); the
+    solutions marked and named, the segments between them dashed, the cosine of the angle at A and the
+    measured grid in the legend."""
     config = read_connect_config(folder)
     us, vs, values = read_plane(folder)
     unknown = [c for c in columns if c not in values]
@@ -135,38 +148,71 @@ def draw_plane(folder, columns=("train_loss", "test_err")):
     points = np.array([[0.0, 0.0], corners[0], corners[1]])
     settings = find_settings(config) or {}
     losses = [settings["loss"]] if "loss" in settings else []
-    # each panel as wide as the column allows, as tall as the plane's shape then wants (equal axes)
+    # equal axes: each panel as tall as the plane's shape wants at the width it gets, plus the room of the
+    # title, colour bars (above two panels, beside one), axis labels and legend
+    width, room = PLANE_LAYOUT[len(columns) > 1]
     shape = (vs[-1] - vs[0]) / (us[-1] - us[0])
-    figure, axes = new_figure(len(columns), 1, height=len(columns) * (0.5 + 2.3 * min(max(shape, 0.35), 1.3)) + 1.0)
-    for ax, column in zip(axes[:, 0], columns):
-        z = shown(column, values[column])
-        levels, norm = surface_levels(z, log=column in LOG_COLUMNS)
-        filled = ax.contourf(us, vs, z, levels=levels, norm=norm, cmap=SURFACE_COLORS, extend="neither")
-        bar = figure.colorbar(filled, ax=ax, label=axis_label(column, losses, short=True))
-        if isinstance(norm, LogNorm):  # a few nice labelled values, not all the levels
-            bar.locator, bar.formatter = ReadableLogLocator(), ReadableLogFormatter()
+    figure, axes = new_figure(1, len(columns), height=width * min(max(shape, 0.35), 1.3) + room)
+    for ax, column in zip(axes[0], columns):
+        draw_surface(figure, ax, us, vs, shown(column, values[column]), column, losses,
+                     bar_at="top" if len(columns) > 1 else "right")
         draw_triangle(ax, points)
         ax.set_xlim(us[0], us[-1])
         ax.set_ylim(vs[0], vs[-1])
         ax.set_aspect("equal")
-        ax.set_xlabel("u: along B - A (weight-space distance)")
-        ax.set_ylabel("v: toward C")
-    handles = [Line2D([], [], marker=f"${letter}$", color="black", linestyle="none", label=label)
-               for letter, label in zip("ABC", labels)]
+        ax.set_xlabel("u: along B - A")
+    axes[0, 0].set_ylabel("v: toward C")
+    handles = [Line2D([], [], marker="o", markerfacecolor="white", markeredgecolor="black", color="black",
+                      linestyle="none", label=label) for label in labels]
     handles.append(Line2D([], [], color="black", linestyle="--",
                           label=f"segments between them; cos(angle at A) = {config['basis']['cos_a']:.3f}"))
+    smooth = all(np.isfinite(values[column]).all() for column in columns)  # as `interpolated` draws them
+    handles.append(Line2D([], [], linestyle="none", label=f"u, v in weight space; {len(us)} x {len(vs)} grid"
+                                                          + (", interpolated" if smooth else "")))
     figure_legend(figure, handles)
-    text = "The plane through three solutions"
     if settings:
         data = describe_dataset(settings.get("dataset"), connect_train_size(config))
-        text += "\n" + heading(data, {settings["loss"]}, {(settings.get("model", "convnet"), settings.get("width"))})
-    figure.suptitle(text)
+        model = (settings.get("model", "convnet"), settings.get("width"))
+        figure.suptitle(heading(data, {settings["loss"]}, {model}))
     return figure
+
+
+def draw_surface(figure, ax, us, vs, z, column, losses, bar_at):
+    """Filled contours of the measured grid z (rows by v, columns by u) on its levels, drawn interpolated,
+    with a colour bar (`bar_at` the panel's top or right) labelled at round values."""
+    levels, norm = surface_levels(z, log=column in LOG_COLUMNS)
+    filled = ax.contourf(*interpolated(us, vs, z, isinstance(norm, LogNorm)), levels=levels, norm=norm,
+                         cmap=SURFACE_COLORS, extend="neither")
+    bar = figure.colorbar(filled, ax=ax, location=bar_at, label=axis_label(column, losses, short=True))
+    if isinstance(norm, LogNorm):  # a few nice labelled values, not all the levels
+        bar.locator, bar.formatter = ReadableLogLocator(), ReadableLogFormatter()
+    else:
+        bar.locator = MaxNLocator(nbins=5, steps=ROUND_STEPS)
+
+
+def interpolated(us, vs, z, log):
+    """(u, v, z) to draw: the measured grid interpolated on a DRAWN_GRID x DRAWN_GRID one by a C1 cubic over
+    its cells' triangles (of log z for log levels), kept within the measured range, so that a coarse grid
+    draws curved contours and no band that was not measured, not the facets of linear interpolation. A
+    grid with a non-finite point is drawn as measured."""
+    if not np.isfinite(z).all():
+        return us, vs, z
+    values = np.log(z) if log else z
+    columns = len(us)
+    corner = np.arange(columns * len(vs)).reshape(len(vs), columns)[:-1, :-1].ravel()  # each cell's (0, 0)
+    triangles = np.concatenate([np.stack([corner, corner + 1, corner + columns + 1], axis=1),
+                                np.stack([corner, corner + columns + 1, corner + columns], axis=1)])
+    grid_u, grid_v = np.meshgrid(us, vs)
+    cubic = CubicTriInterpolator(Triangulation(grid_u.ravel(), grid_v.ravel(), triangles), values.ravel(),
+                                 kind="geom")
+    fine_u, fine_v = np.linspace(us[0], us[-1], DRAWN_GRID), np.linspace(vs[0], vs[-1], DRAWN_GRID)
+    fine = np.clip(cubic(*np.meshgrid(fine_u, fine_v)).filled(np.nan), values.min(), values.max())
+    return fine_u, fine_v, np.exp(fine) if log else fine
 
 
 def surface_levels(z, log):
     """(levels, norm) of filled contours spanning z's finite values: SURFACE_LEVELS geometric steps (log,
-    where all are positive) or nice even ones."""
+    where all are positive) or even ones at round steps (ROUND_STEPS)."""
     finite = z[np.isfinite(z)]
     low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
     if log and low > 0:
@@ -175,7 +221,7 @@ def surface_levels(z, log):
         return np.geomspace(low, high, SURFACE_LEVELS + 1), LogNorm(low, high)
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    levels = MaxNLocator(SURFACE_LEVELS).tick_values(low, high)
+    levels = MaxNLocator(SURFACE_LEVELS, steps=ROUND_STEPS).tick_values(low, high)
     return levels, Normalize(levels[0], levels[-1])
 
 
@@ -253,7 +299,7 @@ def phase_figure(runs, x="train_loss", y="gm", aggregate=True):
     figure.colorbar(cmap, ax=ax, label="ELR")
     seeds = max(len(group.runs) for line in series for group in line)
     figure_legend(figure, phase_legend(runs, bool(orphan_parents), seeds))  # below: trajectories go anywhere
-    ax.set_title(title(runs))
+    ax.set_title(title(runs, in_legend=("losses",)))
     return figure
 
 
@@ -309,31 +355,63 @@ def with_density(runs):
 def spectrum_figure(runs):
     """The Hessian's eigenvalue density (Ghorbani, Krishnan and Xiao 2019, figure 1) on a log density axis,
     which shows the bulk near 0 and the outliers alike: of several runs, each at its last measured step
-    in the colour of its ELR (as the phase diagram), or of one run, at each measured step, early to late."""
+    in the colour of its ELR (as the phase diagram), or of one run at each measured step, early to late;
+    the legend says which steps."""
     curves = with_density(runs)
     runs = [run for run in runs if run.path in curves]
     figure, axes = new_figure(height=2.6)
     ax = axes[0, 0]
-    if len(runs) == 1 and len(curves[runs[0].path]) > 1:
-        by_step = curves[runs[0].path]
-        colors = ScalarMappable(norm=Normalize(min(by_step), max(by_step)), cmap=STEP_COLORS)
-        drawn = [(colors.to_rgba(step), curve) for step, curve in sorted(by_step.items())]
-        figure.colorbar(colors, ax=ax, label=axis_label("iter"))
+    if len(runs) == 1:
+        drawn, key = one_runs_spectra(figure, ax, runs[0], curves[runs[0].path])
     else:
         colors = ScalarMappable(norm=elr_norm([r.elr for r in runs]), cmap=ELR_COLORS)
         drawn = [(colors.to_rgba(run.elr), curves[run.path][max(curves[run.path])]) for run in runs]
         figure.colorbar(colors, ax=ax, label="ELR")
-    for color, curve in drawn:
-        ax.plot(curve.eigenvalues, curve.density, color=color)
+        key = f"each run at {steps_text([(run, max(curves[run.path])) for run in runs])}"
     peak = max(max(curve.density) for _, curve in drawn)
+    floor = DENSITY_FLOOR * peak
+    for color, curve in drawn:
+        ax.plot(*to_floor(curve, floor), color=color)
     ax.set_yscale("log")
-    ax.set_ylim(DENSITY_FLOOR * peak, 2 * peak)
+    ax.set_ylim(floor, 2 * peak)
     ax.set_xlabel(r"Hessian eigenvalue $\lambda$")
     ax.set_ylabel(r"density (1 / $\lambda$)")
     ax.set_title(title(runs))
-    if len(drawn) > 1 and len(runs) > 1:
-        figure_legend(figure, [Line2D([], [], color="0.3", label="each run at its last measured step")])
+    figure_legend(figure, [Line2D([], [], color=drawn[-1][0] if len(drawn) == 1 else "0.3", label=key)])
     return figure
+
+
+def one_runs_spectra(figure, ax, run, by_step):
+    """(colour, curve) of one run's densities, and the legend's words for them: at one step, in the first
+    colour of the cycle; at several, early to late along a colour bar of the steps."""
+    if len(by_step) == 1:
+        (step, curve), = by_step.items()
+        return [("C0", curve)], f"ELR {elr_text(run.elr)} at {steps_text([(run, step)])}"
+    colors = ScalarMappable(norm=Normalize(min(by_step), max(by_step)), cmap=STEP_COLORS)
+    figure.colorbar(colors, ax=ax, label=axis_label("iter"))
+    return ([(colors.to_rgba(step), curve) for step, curve in sorted(by_step.items())],
+            f"ELR {elr_text(run.elr)}, one line per measured step")
+
+
+def steps_text(measured):
+    """'step 60 (epoch 20)' when every (run, step) is at the same step, else 'its last step: 60 to 90 (epochs
+    20 to 30)': where the drawn densities were measured."""
+    steps = sorted({step for _, step in measured})
+    epochs = sorted({epoch_at(run, step) for run, step in measured} - {None})
+    in_epochs = "" if not epochs else (f" (epoch {epochs[0]:.4g})" if len(epochs) == 1
+                                       else f" (epochs {epochs[0]:.4g} to {epochs[-1]:.4g})")
+    if len(steps) == 1:
+        return f"step {steps[0]}{in_epochs}"
+    return f"its last step: {steps[0]} to {steps[-1]}{in_epochs}"
+
+
+def to_floor(curve, floor):
+    """A density's points to draw, each end dropped below the axis' floor: its grid stops 5 smoothing widths
+    past the outermost Ritz values, where the density may still be just above the floor, and a tail
+    left there would stop in mid-air."""
+    below = floor / 10  # under the axis: the line leaves it at the floor, as the curve's other tails do
+    eigenvalues = [curve.eigenvalues[0], *curve.eigenvalues, curve.eigenvalues[-1]]
+    return eigenvalues, [below, *np.maximum(curve.density, below), below]
 
 
 # --- final metrics and phases against the ELR -----------------------------------------------------------
@@ -348,6 +426,14 @@ def shade_phases(ax, series_rows):
     for row, lo, hi in zip(series_rows, edges, edges[1:]):
         if row["phase"] in PHASE_COLORS:
             ax.axvspan(lo, hi, color=PHASE_COLORS[row["phase"]], linewidth=0, zorder=0)
+        else:
+            ax.axvspan(lo, hi, **UNDECIDED_SHADE, linewidth=0, zorder=0)
+
+
+def undecided_label(row):
+    """A group without a phase as the legend names it: 'undecided', or why, when its runs are too short
+    (its agreement says 'undecided (too short: 10 epochs, needs 20)')."""
+    return row["agreement"] if TOO_SHORT in row["agreement"] else UNDECIDED
 
 
 @styled
@@ -370,7 +456,8 @@ def metrics_figure(runs, table, aggregate=True):
         ax.set_ylabel(axis_label(column, losses, short=True))
         ax.set_xlabel("ELR")
     handles, labels = axes[0, 0].get_legend_handles_labels() if len(series) > 1 else ([], [])
-    patches = phase_patches([row["phase"] for row in shaded])
+    patches = phase_patches([row["phase"] for row in shaded],
+                            undecided=[undecided_label(row) for row in shaded if row["phase"] not in PHASE_COLORS])
     handles, labels = handles + patches, labels + [p.get_label() for p in patches]
     seeds = {len(group.runs) for line in series for group in line}
     if max(seeds) > 1:  # a key to the lines and bands, drawn as the first line is
@@ -381,7 +468,7 @@ def metrics_figure(runs, table, aggregate=True):
         labels.append(f"line: mean over {counted}; band: lowest to highest")
     if handles:
         figure_legend(figure, handles, labels)
-    figure.suptitle(title(runs))
+    figure.suptitle(title(runs, in_legend=("losses", "models")))
     return figure
 
 
@@ -476,7 +563,7 @@ def cosine_figure(runs, aggregate=True):
                     for i, line in enumerate(series)]
     if handles:
         figure_legend(figure, handles)
-    ax.set_title(title(runs))
+    ax.set_title(title(runs, in_legend=("losses", "models")))
     return figure
 
 
@@ -534,7 +621,7 @@ def projection_figure(runs, aggregate=True):
     ax.set_xlabel(axis_label("elr"))
     ax.set_ylabel(axis_label("proj_err"))
     ax.legend(frameon=False, loc="best")
-    ax.set_title(title(runs))
+    ax.set_title(title(runs, in_legend=("losses", "models")))
     return figure
 
 

@@ -15,6 +15,7 @@ runs on a cluster.
 
 import contextlib
 import csv
+import enum
 import io
 import json
 import os
@@ -25,10 +26,24 @@ import tempfile
 import torch
 
 from sphrun import SphrunError
+from sphrun.checkpoint import Checkpoint
 
 METRICS_COLUMNS = ("iter", "epoch", "elr", "train_loss", "train_err", "test_loss", "test_err", "gm",
                    "si_norm", "cos_prev", "cos_init", "proj_err", "wall_s")
-STATUSES = ("running", "done", "diverged", "interrupted")
+
+
+class Status(str, enum.Enum):
+    """A run's status in config.json, stored as these strings (equal to them, as str)."""
+    RUNNING = "running"  # being trained, or killed while it was
+    DONE = "done"
+    DIVERGED = "diverged"  # a non-finite loss or norm stopped it
+    INTERRUPTED = "interrupted"  # stopped by a signal or a full disk: the same command resumes it
+
+    def __str__(self):
+        return self.value
+
+
+STATUSES = tuple(s.value for s in Status)
 CHECKPOINT_NAME = re.compile(r"iter-(\d{7,})\.pt$")
 # A temporary of atomic_write: .tmp-<the file it becomes>-<8 random characters>; older versions wrote
 # .tmp-<8 random characters>, hence the optional target.
@@ -195,9 +210,8 @@ class RunDir:
 
     # --- metrics.csv -------------------------------------------------------------------------------
     def read_metrics(self):
-        """Rows as dicts of floats ('iter' as int); [] when no row was written yet.
-
-        A last line without its newline is a row being written, or cut by a kill: it is left out."""
+        """Rows as dicts of floats ('iter' as int), their steps strictly increasing; [] when no row was
+        written yet. A last line without its newline is a row being written, or cut by a kill: left out."""
         try:
             with open(self.metrics_path, newline="", encoding="utf-8") as f:
                 text = f.read()
@@ -218,7 +232,12 @@ class RunDir:
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise self.damaged_metrics(f"has no column {', '.join(missing[:3])}{more} (a foreign header)")
-        return [self.parse_metrics_row(header, values, number) for number, values in enumerate(rows, 2)]
+        rows = [self.parse_metrics_row(header, values, number) for number, values in enumerate(rows, 2)]
+        for line, (before, row) in enumerate(zip(rows, rows[1:]), 3):
+            if row["iter"] <= before["iter"]:  # two writers, or rows pasted: its history is not one run's
+                raise self.damaged_metrics(f"has step {row['iter']} at line {line} after step {before['iter']}: "
+                                           f"its steps must strictly increase")
+        return rows
 
     def parse_metrics_row(self, header, values, line):
         try:
@@ -304,12 +323,12 @@ class RunDir:
     def has_checkpoint(self, which):
         return os.path.isfile(self.checkpoint_path(which))
 
-    def save_checkpoint(self, state, at_eval_point):
-        """Write `state` as last.pt and, at an evaluation point, as iter-NNNNNNN.pt too: that one first,
+    def save_checkpoint(self, checkpoint, at_eval_point):
+        """Write `checkpoint` as last.pt and, at an evaluation point, as iter-NNNNNNN.pt too: that one first,
         so that a run whose last.pt exists has every checkpoint its metrics.csv names."""
         buffer = io.BytesIO()  # serialized first: a full disk then fails in a plain write, as an OSError
-        torch.save(state, buffer)
-        targets = ([state["iter"]] if at_eval_point else []) + ["last"]
+        torch.save(checkpoint.to_file(), buffer)
+        targets = ([checkpoint.iter] if at_eval_point else []) + ["last"]
         for which in targets:
             atomic_write(self.checkpoint_path(which), lambda f: f.write(buffer.getbuffer()))
 
@@ -318,29 +337,37 @@ class RunDir:
             os.unlink(self.checkpoint_path(it))
 
     def read_checkpoint(self, which="last"):
-        """(state, None), or (None, what is wrong with it: missing, unreadable, ...)."""
+        """(Checkpoint, None), or (None, what is wrong with it: missing, unreadable, ...). One trained under
+        other settings than config.json's is refused: the file was edited, or copied from another run."""
         path = self.checkpoint_path(which)
         if not os.path.isfile(path):
             return None, "missing"
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            stored = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             return None, f"unreadable ({type(e).__name__})"
-        if not isinstance(state, dict) or "model" not in state or "iter" not in state:
-            return None, "not a sphrun checkpoint"
-        if which != "last" and state["iter"] != which:
-            return None, f"the state of step {state['iter']}, not of its own"
-        return state, None
+        try:
+            checkpoint = Checkpoint.from_file(stored)
+        except ValueError as e:
+            return None, str(e)
+        if which != "last" and checkpoint.iter != which:
+            return None, f"the state of step {checkpoint.iter}, not of its own"
+        differing = checkpoint.settings_differing(self.read_config()["settings"]) if self.exists() else []
+        if differing:
+            raise SphrunError(f"{path} was trained under other settings than {self.config_path} says "
+                              f"({'; '.join(differing)}): put config.json's settings back as they were, or train "
+                              f"the new settings in another --out")
+        return checkpoint, None
 
     def load_checkpoint(self, which="last"):
-        state, problem = self.read_checkpoint(which)
+        checkpoint, problem = self.read_checkpoint(which)
         available = ", ".join(map(str, self.checkpoint_iters())) or "none"
         if problem == "missing":
             raise SphrunError(f"{self.path} has no checkpoint {which} (checkpoints at steps: {available})")
         if problem:
             raise SphrunError(f"{self.checkpoint_path(which)} is {problem}: name another checkpoint of the "
                               f"run (steps {available})")
-        return state
+        return checkpoint
 
     def resume_point(self, origin):
         """(checkpoint, note) a run resumes from: last.pt when readable; else the newest readable iter
@@ -379,6 +406,20 @@ class RunDir:
         remove_temporaries(self.checkpoint_dir)
         remove_temporaries(self.path, ("config.json", "metrics.csv"))
 
+    def remove_if_empty(self, up_to):
+        """Remove the directory when it holds nothing but its lock file (one a refused command made to lock
+        it), and the empty folders made for it, up to `up_to`."""
+        with contextlib.suppress(OSError):
+            if set(os.listdir(self.path)) <= {".lock"}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, ".lock"))
+                folder = os.path.abspath(self.path)
+                while True:
+                    os.rmdir(folder)  # fails, ending the climb, at a folder that is not empty
+                    if folder == os.path.abspath(up_to):
+                        break
+                    folder = os.path.dirname(folder)
+
     # --- lock --------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, name=".lock", wait=False, advice="choose another run"):
@@ -413,6 +454,14 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def outermost_missing(path):
+    """The outermost folder of `path` (itself included) that does not exist yet, or None when it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
 
 
 def is_run_dir(path):

@@ -122,6 +122,16 @@ def elr_text(elr):
     return f"{elr:.3g}"
 
 
+def epoch_at(run, step):
+    """The epoch at a step of the run, as metrics.csv counts them (steps / steps per epoch, from the first
+    run of the lineage); None when its rows cannot say (no row past step 0)."""
+    for row in run.rows:
+        if row["iter"] == step:
+            return row["epoch"]
+    last = run.rows[-1]
+    return step * last["epoch"] / last["iter"] if last["iter"] > 0 else None
+
+
 def require_columns(run, columns, source="metrics.csv"):
     missing = [c for c in columns if c not in run.columns()]
     if missing:

@@ -8,6 +8,7 @@ signal, or one where nothing can be saved yet, stops at once (StopNow).
 
 import contextlib
 import signal
+import time
 
 
 class Interrupted(Exception):
@@ -34,9 +35,14 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
                      if hasattr(signal, name))
 
 
+# At its time limit SLURM sends SIGTERM to a job step twice, a few milliseconds apart (from slurmstepd, and
+# forwarded by srun): a scheduler's signal repeated within this many seconds is one stop, not insistence.
+REPEAT_S = 2.0
+
+
 class StopRequest:
     """Turns the first stop signal (STOP_SIGNALS) into a flag the work checks between its pieces, so a piece
-    is never cut in half; a second one raises StopNow."""
+    is never cut in half; a second one raises StopNow (but SIGTERM or SIGUSR1 again within REPEAT_S)."""
 
     def __init__(self):
         self.signum = None
@@ -56,9 +62,11 @@ class StopRequest:
             raise StopNow(self.signum)
 
     def handle(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if not self.requested:
+            self.signum, self.since = signum, now
+        elif signum == signal.SIGINT or signum != self.signum or now - self.since > REPEAT_S:
             raise StopNow(signum)
-        self.signum = signum
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

@@ -26,12 +26,13 @@ STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.fonts
 ELR_COLORS = "viridis"
 PHASE_COLORS = {"1": "#d6ecd2", "2": "#fbe3c0", "3": "#f4cccc"}  # pale: shading, fills
 PHASE_EDGES = {"1": "#3f8a36", "2": "#c77a10", "3": "#b8413f"}  # the same hues, dark: lines, outlines
+UNDECIDED_SHADE = {"facecolor": "#f2f2f2", "edgecolor": "#b8b8b8", "hatch": "////"}  # no verdict: grey, hatched
 LOSS_MARKERS = {"ce": "o", "mse": "s"}
 PERCENT_COLUMNS = ("train_err", "test_err", "proj_err")  # fractions in the files, % on the axes
 LABELS = {
     "train_loss": "train loss $L_T$", "test_loss": "test loss",
     "train_err": "train error (%)", "test_err": "test error (%)",
-    "gm": "GM (mean mini-batch gradient norm)", "elr": "effective learning rate (ELR)",
+    "gm": r"GM, mean $\|\nabla_{\mathrm{SI}} L_b\|$", "elr": "effective learning rate (ELR)",
     "iter": "SGD steps", "epoch": "epochs", "si_norm": "norm of the SI weights",
     "cos_prev": "cosine to the previous checkpoint", "cos_init": "cosine to the initialization",
     "proj_err": "projection error 1 - r (%)", "wall_s": "wall time (s)",
@@ -84,8 +85,12 @@ def axis_label(column, losses=(), short=False):
     label = LABELS.get(column.replace("-", "_"), column)
     if short:
         label = SHORT_LABELS.get(column, label)
-    if column in ("train_loss", "test_loss") and len(set(losses)) == 1:
+    one_loss = len(set(losses)) == 1
+    if column in ("train_loss", "test_loss") and one_loss:
         label += " (nats)" if "ce" in losses else " (mean squared error)"
+    if column == "gm":  # a gradient's norm: the loss's unit per unit length of the weights theta
+        loss_unit = ("nats" if "ce" in losses else "MSE") if one_loss else "loss"
+        label += rf" ({loss_unit} per unit $\theta$)"
     return label
 
 
@@ -192,10 +197,12 @@ def elr_norm(elrs):
     return LogNorm(low, high)
 
 
-def phase_patches(phases, outlined=False):
-    """Legend entries of the phases present; `outlined` as boxes are drawn, in the dark hue too."""
-    return [Patch(facecolor=PHASE_COLORS[p], edgecolor=PHASE_EDGES[p] if outlined else "none", label=f"phase {p}")
-            for p in sorted(set(phases) & set(PHASE_COLORS))]
+def phase_patches(phases, outlined=False, undecided=()):
+    """Legend entries of the phases present; `outlined` as boxes are drawn, in the dark hue too; then one
+    of the undecided shading for each of the `undecided` labels."""
+    return ([Patch(facecolor=PHASE_COLORS[p], edgecolor=PHASE_EDGES[p] if outlined else "none", label=f"phase {p}")
+             for p in sorted(set(phases) & set(PHASE_COLORS))]
+            + [Patch(**UNDECIDED_SHADE, linewidth=0, label=label) for label in dict.fromkeys(undecided)])
 
 
 def figure_legend(figure, handles, labels=None):

@@ -17,13 +17,15 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 
 from sphrun import SphrunError
 from sphrun.config import evaluation_steps
-from sphrun.lifecycle import default_run_path, open_runs, prepare
-from sphrun.rundir import CannotWrite
+from sphrun.data import BatchOrder, Data
+from sphrun.lifecycle import default_run_path, open_runs, prepare, remove_unstarted
+from sphrun.rundir import CannotWrite, Status
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
@@ -77,15 +79,31 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
         for m in runs.members:  # every check passed: now say what happens, and write
             if m.note:
                 message(m.note)
-            if m.status == "done" and m.stored["status"] != "done":  # stopped at its last step
-                m.run.set_status("done")
-        groups = passes([m for m in runs.members if m.status == "running"], pack or len(runs.members))
-        for number, group in enumerate(groups, 1):
-            order = runs.orders[group[0].config.data_seed]
-            message(announcement(group, runs.total, order, runs.device) +
-                    (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
-            train_pass(group, runs.data, runs.identity, order, runs.device, runs.total, argv)
+            if m.status == Status.DONE and m.stored["status"] != Status.DONE:  # stopped at its last step
+                m.run.set_status(Status.DONE)
+        groups = passes([m for m in runs.members if m.status == Status.RUNNING], pack or len(runs.members))
+        try:
+            for number, group in enumerate(groups, 1):
+                order = runs.orders[group[0].config.data_seed]
+                message(announcement(group, runs.total, order, runs.device) +
+                        (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
+                p = open_pass(group, runs.data, order, runs.device, runs.total)
+                train_pass(p, runs.data_id, argv)
+                if p.stopped_by is not None:
+                    stop_after_pass(p.stopped_by, number, len(groups))
+        finally:
+            remove_unstarted(runs.made)
     return [(m.run, m.status) for m in runs.members]
+
+
+def stop_after_pass(signum, number, count):
+    """A stop signal that came as a pass ended, its runs done: the command stops before the next pass, or
+    ends normally after the last (a scheduler's notice then costs no requeue)."""
+    name = signal.Signals(signum).name
+    if number < count:
+        raise Interrupted(f"stopped by {name} after pass {number} of {count}, its runs done: run the same "
+                          f"command to train the others", signum)
+    message(f"note: {name} came as the last step ended: every run is done")
 
 
 def passes(members, pack):
@@ -128,6 +146,35 @@ def describe(group):
 
 
 # --- a pass ---------------------------------------------------------------------------------------
+@dataclass
+class Pass:
+    """Runs trained in lockstep as one pack: the members, their pack and the step that trains it, the data
+    and batch order they share, the step they train to, its evaluation points, and at which of those the
+    iter checkpoints are kept (--keep)."""
+    members: list
+    pack: torch.nn.Module
+    step: Step
+    data: Data
+    order: BatchOrder
+    total: int
+    eval_steps: list
+    keep: dict
+    stopped_by: int | None = None  # a stop signal that came at the last step, when every run was done
+
+    def running(self):
+        """Indices of the members still training."""
+        return [k for k, m in enumerate(self.members) if m.status == Status.RUNNING]
+
+
+def open_pass(members, data, order, device, total):
+    """The pass that trains `members` (all at one step, on the batches of `order`) to step `total`."""
+    pack, step = pack_members(members, data, device)
+    config = members[0].config
+    eval_steps = evaluation_steps(config.origin, total, order.steps_per_epoch, config.eval_every)
+    keep = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
+    return Pass(members, pack, step, data, order, total, eval_steps, keep)
+
+
 def pack_members(members, data, device):
     """The members' models (from their checkpoints, a parent's, or their init) as one pack, and the
     step that trains it. Sets each member's RunState."""
@@ -144,27 +191,24 @@ def pack_members(members, data, device):
     return pack, Step(pack, data, [m.config for m in members], [m.state.rho0 for m in members], device, momentum)
 
 
-def train_pass(members, data, identity, order, device, total, argv):
-    """Train `members`, all at one step, together to step `total`, each in its run directory (locked by
-    the caller). A second stop signal or a failed write (a full disk) marks the runs interrupted."""
-    config = members[0].config
-    pack, step = pack_members(members, data, device)
-    eval_steps = evaluation_steps(config.origin, total, order.steps_per_epoch, config.eval_every)
-    keep = {s: i % (config.keep or 1) == 0 or s == total for i, s in enumerate(eval_steps)}
+def train_pass(p, data_id, argv):
+    """Train the pass's members, each in its run directory (locked by the caller); `data_id`: their data's
+    identity, for a new run's config.json. A second stop signal or a failed write (a full disk) marks the
+    runs interrupted."""
     try:
-        for m in members:
+        for m in p.members:
             m.run.remove_temporaries()  # a killed writer's; the run's lock is ours
             if m.checkpoint is not None:
                 m.run.truncate_metrics(m.state.iter)
                 m.run.remove_checkpoints_after(m.state.iter)
-                m.run.set_status("running")
+                m.run.set_status(Status.RUNNING)
             else:  # config.json first: from now on the directory is this run's, resumed or restarted
-                m.run.write_config(m.record(data, identity, order, argv))
+                m.run.write_config(m.config_record(p.data, data_id, p.order, argv))
                 m.run.discard_metrics()
-        first_rows(pack, step, data, order, members)
-        run_pass(pack, step, data, order, members, total, eval_steps, keep)
+        first_rows(p)
+        run_pass(p)
     except (KeyboardInterrupt, StopNow, CannotWrite) as e:  # KeyboardInterrupt: Ctrl-C outside the loop
-        raise stopped(members, e) from e
+        raise stopped(p.members, e) from e
 
 
 def stopped(members, error):
@@ -173,9 +217,9 @@ def stopped(members, error):
     interrupted where the disk lets us: each resumes from its last checkpoint."""
     marked = True
     for m in members:
-        if m.status == "running":
+        if m.status == Status.RUNNING:
             try:
-                m.run.set_status("interrupted")
+                m.run.set_status(Status.INTERRUPTED)
             except SphrunError:  # a full disk, or a new run whose config.json never got written
                 marked = False
     folder = os.path.dirname(str(members[0].run)) or "."
@@ -188,107 +232,108 @@ def stopped(members, error):
                        f"last checkpoint")
 
 
-def first_rows(pack, step, data, order, members):
+def first_rows(p):
     """A new run's first metrics row and checkpoint: a fine-tune's parent's row at its start step (the
     same weights; its cos_prev and proj_err look back to the parent's previous evaluation point), or
     measured now when there is none."""
     measure = []
-    for k, m in enumerate(members):
+    for k, m in enumerate(p.members):
         if m.checkpoint is not None:
             continue
         if m.start and m.start.row:
             m.run.append_metrics(m.start.row)
-            save(m, pack, step, k, at_eval_point=True)
+            save(p, k, at_eval_point=True)
         else:
             measure.append(k)
     if measure:
-        record(pack, step, data, order, members, measure, keep=True)
-        freeze_diverged(step, members)
+        record(p, measure, keep=True)
+        freeze_diverged(p)
 
 
-def run_pass(pack, step, data, order, members, total, eval_steps, keep):
-    """The loop of a pass, from the members' step to `total`: steps without host syncs, evaluation
-    points, divergence, Ctrl-C. Leaves the members' RunStates at the step reached."""
+def run_pass(p):
+    """The loop of a pass, from the members' step to p.total: steps without host syncs, evaluation points,
+    divergence, stop signals. Leaves the members' RunStates at the step reached. A signal that comes at the
+    last step, the runs done, ends them done and is kept in p.stopped_by."""
+    members, step = p.members, p.step
     it = members[0].state.iter
-    pending = [s for s in eval_steps if s > it]
+    pending = [s for s in p.eval_steps if s > it]
     label = f"{len(members)} runs" if len(members) > 1 else "train"
-    with StopRequest() as stop, StepProgress(total, start=it, label=label) as bar:
+    with StopRequest() as stop, StepProgress(p.total, start=it, label=label) as bar:
         tick, since = time.perf_counter(), 0
-        while it < total and any(m.status == "running" for m in members):
-            step.take(it, order.indices(it))  # no host sync, no copy from the host (but a permutation an epoch)
+        while it < p.total and p.running():
+            step.take(it, p.order.indices(it))  # no host sync, no copy from the host (but a permutation an epoch)
             it, since = it + 1, since + 1
             at_eval = pending and it == pending[0]
             if bar.due() or at_eval:  # the only host syncs: a few per second, and evaluation points
                 alive, losses = step.alive.tolist(), step.loss.tolist()
                 for m, ok in zip(members, alive):
-                    if m.status == "running" and not ok:
+                    if m.status == Status.RUNNING and not ok:
                         m.state.iter = it
                         m.status = diverged(m.run, it)
-                running = [k for k, m in enumerate(members) if m.status == "running"]
+                running = p.running()
                 if running:
                     best = min(running, key=lambda k: losses[k])
                     bar.update(it, losses[best], members[best].config.elr_at(it - 1))
             if at_eval:
                 pending.pop(0)
-                catch_up(members, step, it, since, tick)
+                catch_up(p, it, since, tick)
                 since = 0
-                running = [k for k, m in enumerate(members) if m.status == "running"]
                 seeds_vary = len({m.config.seed for m in members}) > 1
-                for m, row in record(pack, step, data, order, members, running, keep=keep[it]):
+                for m, row in record(p, p.running(), keep=p.keep[it]):
                     label = "" if len(members) == 1 else f"elr {row['elr']:<9.3g} " + (
                         f"seed {m.config.seed:<3d} " if seeds_vary else "")
                     bar.log(label + format_row(row))
-                freeze_diverged(step, members)
+                freeze_diverged(p)
                 tick = time.perf_counter()
-            if stop.requested:
-                catch_up(members, step, it, since, tick)
-                interrupt(pack, step, members, it, stop.signum)
-    catch_up(members, step, it, since, tick)
+            if stop.requested and it < p.total:
+                catch_up(p, it, since, tick)
+                interrupt(p, it, stop.signum)
+        p.stopped_by = stop.signum  # None, or a signal during the last evaluation: the runs are done
+    catch_up(p, it, since, tick)
     for m in members:
-        if m.status == "running":
-            m.run.set_status("done")
-            m.status = "done"
+        if m.status == Status.RUNNING:
+            m.run.set_status(Status.DONE)
+            m.status = Status.DONE
 
 
-def catch_up(members, step, it, steps, tick):
+def catch_up(p, it, steps, tick):
     """Bring the running members' RunStates to step `it`: `steps` more steps, the pass's projection
     errors since they last were (moved out of the step's accumulator) and the time since `tick`."""
     now = time.perf_counter()
-    for k, m in enumerate(members):
-        if m.status == "running":
-            m.state.iter = it
-            m.state.proj_err_sum = m.state.proj_err_sum + step.proj_err_sum[k]
-            m.state.proj_err_steps += steps
-            m.state.wall_s += now - tick
-    step.proj_err_sum.zero_()
+    for k in p.running():
+        state = p.members[k].state
+        state.iter = it
+        state.proj_err_sum = state.proj_err_sum + p.step.proj_err_sum[k]
+        state.proj_err_steps += steps
+        state.wall_s += now - tick
+    p.step.proj_err_sum.zero_()
 
 
-def interrupt(pack, step, members, it, signum):
+def interrupt(p, it, signum):
     """A stop signal: save every running member where it is, mark it interrupted, and stop."""
-    for k, m in enumerate(members):
-        if m.status == "running":
-            save(m, pack, step, k, at_eval_point=False)
-            m.run.set_status("interrupted")
-    if len(members) == 1:
-        where = f"checkpoint saved in {members[0].run}"
+    for k in p.running():
+        save(p, k, at_eval_point=False)
+        p.members[k].run.set_status(Status.INTERRUPTED)
+    if len(p.members) == 1:
+        where = f"checkpoint saved in {p.members[0].run}"
     else:
-        where = f"checkpoints saved in the runs in {os.path.dirname(str(members[0].run)) or '.'}/"
+        where = f"checkpoints saved in the runs in {os.path.dirname(str(p.members[0].run)) or '.'}/"
     raise Interrupted(f"interrupted{by_signal(signum)} at step {it}: {where}; run the same command to resume",
                       signum)
 
 
-def freeze_diverged(step, members):
+def freeze_diverged(p):
     """Stop moving the members found diverged at an evaluation point (a non-finite row)."""
-    for k, m in enumerate(members):
-        if m.status == "diverged":
-            step.alive[k] = False
+    for k, m in enumerate(p.members):
+        if m.status == Status.DIVERGED:
+            p.step.alive[k] = False
 
 
 def diverged(run, it):
-    run.set_status("diverged")
+    run.set_status(Status.DIVERGED)
     message(f"warning: {run} diverged (non-finite loss or norm) before step {it}; "
             f"status diverged, metrics so far kept")
-    return "diverged"
+    return Status.DIVERGED
 
 
 def latest_elr(config, it):
@@ -299,16 +344,19 @@ def latest_elr(config, it):
 
 
 # --- evaluation points ----------------------------------------------------------------------------
-def save(member, pack, step, k, at_eval_point):
-    """Member k's checkpoint: its slice of the pack's state, as its single model's, and its RunState."""
-    model_state = {name: t.detach().clone() for name, t in pack.member_state_dict(k).items()}
-    if step.momentum is not None:
-        member.state.momentum = [b[k].clone() for b in step.momentum]
-    checkpoint = member.state.checkpoint(model_state, latest_elr(member.config, member.state.iter))
+def save(p, k, at_eval_point):
+    """Member k's checkpoint: its slice of the pack's state, as its single model's, its RunState and the
+    settings it trains under."""
+    member = p.members[k]
+    model_state = {name: t.detach().clone() for name, t in p.pack.member_state_dict(k).items()}
+    if p.step.momentum is not None:
+        member.state.momentum = [b[k].clone() for b in p.step.momentum]
+    checkpoint = member.state.checkpoint(model_state, latest_elr(member.config, member.state.iter),
+                                         member.config.run_key())
     member.run.save_checkpoint(checkpoint, at_eval_point=at_eval_point)
 
 
-def record(pack, step, data, order, members, which, keep):
+def record(p, which, keep):
     """Evaluate every model of the pack in one pass over the data; for the members `which` (indices),
     write the metrics row and checkpoint, or mark the member diverged when its row is not finite.
     Returns the (member, row) pairs written.
@@ -317,24 +365,24 @@ def record(pack, step, data, order, members, which, keep):
     sphere some of the trainable ones, found from the structure). Train metrics in BN train mode, test
     metrics in eval mode (sphrun.metrics)."""
     start = time.perf_counter()
-    config = members[0].config
-    with mixed_precision(config.precision, step.device):
+    pack, data, config = p.pack, p.data, p.members[0].config
+    with mixed_precision(config.precision, p.step.device):
         train_loss, train_err, gm = train_metrics(pack, pack.params, data.train_x, data.train_y, config.loss,
-                                                  config.batch_size, order.permutation(0))
+                                                  config.batch_size, p.order.permutation(0))
         test_loss, test_err = eval_metrics(pack, data.test_x, data.test_y, config.loss)
     norms = global_norm(pack.si_params, members=pack.form).tolist()
     rows = []
     for k in which:
-        m = members[k]
+        m = p.members[k]
         measured = {"train_loss": train_loss[k], "train_err": train_err[k], "test_loss": test_loss[k],
                     "test_err": test_err[k], "gm": gm[k], "si_norm": norms[k]}
         row = metrics_row(m.state, member_params(pack.params, k), latest_elr(m.config, m.state.iter),
-                          order.steps_per_epoch, measured, start)
+                          p.order.steps_per_epoch, measured, start)
         if not is_finite_row(row):
             m.status = diverged(m.run, m.state.iter)
             continue
         m.run.append_metrics(row)
-        save(m, pack, step, k, at_eval_point=keep)
+        save(p, k, at_eval_point=keep)
         rows.append((m, row))
     return rows
 

@@ -267,7 +267,8 @@ def test_a_full_disk_under_a_connect_output_keeps_the_earlier_one_whole_and_the_
     if failing == "connect.png":  # space freed: the same command writes the output from the points kept
         code, err = cli(*args)
         assert code == 0 and "every one kept in" in err, err
-        assert json.load(open(out / "config.json"))["points"] == 2 and len((out / "connect.csv").read_text().split()) == 3
+        assert json.load(open(out / "config.json"))["points"] == 2
+        assert len((out / "connect.csv").read_text().split()) == 3  # the header and two points
         assert (out / "connect.png").read_bytes().startswith(b"\x89PNG") and not (out / "unfinished.jsonl").exists()
 
 
@@ -315,6 +316,8 @@ def sphrun_process(*args, script=None):
     (2, ["SIGTERM"], "1e-3", 143, "interrupted by SIGTERM at step 8: checkpoint saved", 8),
     (2, ["SIGUSR1"], "1e-3,2e-3", 138, "interrupted by SIGUSR1 at step 8: checkpoints saved", 8),
     (2, ["SIGINT", "SIGINT"], "1e-3", 130, "stopped at once, without saving", 0),  # a second Ctrl-C
+    # SLURM's time limit: SIGTERM to a job step twice (slurmstepd's, srun's), one stop that saves
+    (2, ["SIGTERM", "SIGTERM"], "1e-3", 143, "interrupted by SIGTERM at step 8: checkpoint saved", 8),
     (1, ["SIGTERM"], "1e-3", 143, "stopped at once, without saving", None),  # before the loop: no checkpoint
 ])
 def test_a_stop_signal_saves_marks_interrupted_and_exits_with_its_status(tmp_path, made, when, signals, elrs,
@@ -332,6 +335,27 @@ def test_a_stop_signal_saves_marks_interrupted_and_exits_with_its_status(tmp_pat
         again = sphrun_process(*args)
         assert again.returncode == 0 and "resuming" in again.stderr, again.stderr
         assert rows_without_wall_time(runs[0]) == rows_without_wall_time(made / "runs" / "a")
+
+
+def test_a_signal_during_the_last_evaluation_ends_the_run_done(tmp_path, made):
+    """SIGUSR1 (a scheduler's notice) during the evaluation of the last step: the run finished every step,
+    so it ends done (exit 0), not interrupted with one more leg to run. In a sweep of two passes (--pack 1)
+    the same signal at the end of the first pass stops before the second (138), which the same command
+    then trains."""
+    args = ["train", *TINY_ARGS, "--iters", "24", "--out", str(tmp_path / "one")]
+    done = sphrun_process(f"4:{int(signal.SIGUSR1)}", *args, script=SIGNALLED)  # record calls: 0, 8, 16, 24
+    assert done.returncode == 0 and "SIGUSR1 came as the last step ended: every run is done" in done.stderr, \
+        done.stderr
+    assert status(tmp_path / "one") == "done"
+    assert rows_without_wall_time(tmp_path / "one") == rows_without_wall_time(made / "runs" / "a")
+    sweep = ["train", *TINY_ARGS[:-4], "--elr", "1e-3,2e-3", "--eval-every", "8", "--iters", "24", "--pack", "1",
+             "--out", str(tmp_path / "two")]
+    done = sphrun_process(f"4:{int(signal.SIGUSR1)}", *sweep, script=SIGNALLED)
+    assert done.returncode == 138 and "stopped by SIGUSR1 after pass 1 of 2, its runs done" in done.stderr, \
+        done.stderr
+    assert sorted(status(p) for p in (tmp_path / "two").iterdir()) == ["done"]  # the second never began
+    again = sphrun_process(*sweep)
+    assert again.returncode == 0 and sorted(status(p) for p in (tmp_path / "two").iterdir()) == ["done", "done"]
 
 
 # Ctrl-C while `module` is imported, in the command's first second.

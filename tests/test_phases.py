@@ -3,19 +3,21 @@ reported, and simulated trajectories on the default evaluation schedule with rea
 rate of false phases is measured over many seeded tables."""
 
 import math
+import os
 import random
 
 import numpy as np
 import pytest
 
-from sphrun.phases import UNDECIDED, agreement, borders, classify, in_paper_order, later_half, spread
+from sphrun.phase_table import agreement, spread
+from sphrun.phases import RULES, UNDECIDED, borders, classify, in_paper_order, later_half
 from sphrun.train import evaluation_steps
 
 
 def table(loss, gm, err, cos, points=31, every=39):
-    """Rows at steps 0, every, 2*every, ...; each metric a function of the point index k."""
-    return [{"iter": k * every, "train_loss": loss(k), "gm": gm(k), "train_err": err(k), "cos_prev": cos(k)}
-            for k in range(points)]
+    """Rows at steps 0, every, 2*every, ..., one epoch apart; each metric a function of the point index k."""
+    return [{"iter": k * every, "epoch": k, "train_loss": loss(k), "gm": gm(k), "train_err": err(k),
+             "cos_prev": cos(k)} for k in range(points)]
 
 
 def noisy(level, spread, seed):
@@ -78,7 +80,7 @@ def test_the_real_sweep_of_issue_12():
     epochs = [0, 5, 10, 15, 20, 25, 30, 35]
 
     def run(err, loss, gm, cos):
-        return [{"iter": 390 * e, "train_err": a, "train_loss": b, "gm": c, "cos_prev": d}
+        return [{"iter": 390 * e, "epoch": e, "train_err": a, "train_loss": b, "gm": c, "cos_prev": d}
                 for e, a, b, c, d in zip(epochs, err, loss, gm, cos)]
 
     settling = run(err=[0.9, 0.8, 0.74, 0.70, 0.67, 0.63, 0.60, 0.57],
@@ -111,8 +113,8 @@ def test_a_real_sweep_at_width_8():
                      (0.5616, 1.669, 2.314, 0.81934), (0.5754, 1.6644, 2.471, 0.8123)]),
     }
     for elr, (phase, later) in runs.items():
-        rows = [{"iter": 0, "train_err": 0.9, "train_loss": 13.3864, "gm": 39.546, "cos_prev": 1.0}]
-        rows += [{"iter": 39 * epoch, "train_err": e, "train_loss": l, "gm": g, "cos_prev": c}
+        rows = [{"iter": 0, "epoch": 0, "train_err": 0.9, "train_loss": 13.3864, "gm": 39.546, "cos_prev": 1.0}]
+        rows += [{"iter": 39 * epoch, "epoch": epoch, "train_err": e, "train_loss": l, "gm": g, "cos_prev": c}
                  for epoch, (e, l, g, c) in zip((16, 20, 25, 30), later)]
         verdict = classify(rows, 10)
         assert verdict.phase == phase, (elr, verdict.evidence)
@@ -145,7 +147,7 @@ def test_error_falling_by_a_quarter_to_a_third_while_moving_is_undecided():
     rows = table(loss=lambda k: 1.0 * 0.99 ** k, gm=noisy(3.0, 0.02, 23), err=lambda k: 0.3 * 0.977 ** k,
                  cos=lambda k: 0.6)
     verdict = classify(rows, 10)
-    assert verdict.phase == UNDECIDED and "by a quarter to a third" in verdict.evidence, verdict.evidence
+    assert verdict.phase == UNDECIDED and "by 25 % to 33 %" in verdict.evidence, verdict.evidence
 
 
 def test_between_settling_and_moving_is_undecided():
@@ -156,11 +158,41 @@ def test_between_settling_and_moving_is_undecided():
     assert verdict.phase == UNDECIDED and "train longer" in verdict.evidence
 
 
-def test_too_short_run_is_undecided():
-    rows = table(loss=lambda k: 2.3 / (1 + k), gm=lambda k: 10.0, err=lambda k: 0.5, cos=lambda k: 0.9,
-                 points=5)
+# --- runs too short for the rules -------------------------------------------------------------------------
+# The paper's phase 2 settles within 5-10 epochs and the rules read the later half: a run needs 2 x 10 = 20
+# epochs from its first point before its later half is past the settling, and 4 points in that half.
+SIGNATURES = {  # 31 points one epoch apart (30 epochs), each decided when whole
+    "1": table(loss=noisy(1e-3, 0.05, 1), gm=noisy(0.01, 0.05, 2), err=lambda k: 0.0 if k > 5 else 0.1,
+               cos=lambda k: 0.95),
+    "2": table(loss=noisy(1.0, 0.05, 16), gm=noisy(3.0, 0.05, 17), err=noisy(0.35, 0.05, 18),
+               cos=noisy(0.6, 0.05, 19)),
+    "3": table(loss=noisy(6.0, 0.3, 7), gm=noisy(2000.0, 0.3, 8), err=noisy(0.9, 0.01, 9),
+               cos=lambda k: 0.01 * (-1) ** k),
+}
+
+
+@pytest.mark.parametrize("phase", SIGNATURES)
+def test_a_run_under_20_epochs_is_undecided_and_says_so(phase):
+    rows = SIGNATURES[phase]
+    assert classify(rows, 10).phase == phase
+    assert classify(rows[:21], 10).phase == phase  # 20 epochs: the later half starts at epoch 10
+    for epochs in (19, 10, 4, 0):
+        verdict = classify(rows[:epochs + 1], 10)
+        assert (verdict.phase, verdict.evidence) == (UNDECIDED, f"too short: {epochs} epochs, needs 20")
+        assert verdict.too_short and verdict.label == f"undecided (too short: {epochs} epochs, needs 20)"
+
+
+def test_a_fine_tunes_epochs_count_from_its_fork():
+    rows = [dict(r, epoch=r["epoch"] + 100.5) for r in SIGNATURES["2"]]  # forked at epoch 100.5
+    assert classify(rows, 10).phase == "2"
+    assert classify(rows[:16], 10).evidence == "too short: 15 epochs, needs 20"
+
+
+def test_too_few_points_in_the_later_half_is_undecided():
+    # 30 epochs evaluated every 10: the later half (from epoch 15) holds epochs 20 and 30 alone
+    rows = [r for r in SIGNATURES["2"] if r["epoch"] % 10 == 0]
     verdict = classify(rows, 10)
-    assert verdict.phase == UNDECIDED and verdict.evidence.startswith("too short")
+    assert verdict.too_short and verdict.evidence == "too short: 2 evaluation points in the later half, needs 4"
     assert classify(rows[:1], 10).phase == UNDECIDED
 
 
@@ -229,8 +261,8 @@ def as_error(fraction):
 def as_rows(steps, loss, err, gm, angles):
     """metrics.csv rows; `angles` (radians) between each checkpoint and the previous one."""
     cos = np.concatenate([[1.0], np.cos(np.clip(angles, 0, math.pi))])
-    return [{"iter": int(s), "train_loss": float(l), "train_err": float(e), "gm": float(g),
-             "cos_prev": float(c)} for s, l, e, g, c in zip(steps, loss, err, gm, cos)]
+    return [{"iter": int(s), "epoch": s / STEPS_PER_EPOCH, "train_loss": float(l), "train_err": float(e),
+             "gm": float(g), "cos_prev": float(c)} for s, l, e, g, c in zip(steps, loss, err, gm, cos)]
 
 
 def log_uniform(rng, low, high):
@@ -304,6 +336,19 @@ def verdicts(simulate, epochs, count, seed, **options):
     return found
 
 
+@pytest.mark.parametrize("simulate, options", [
+    (converging, {}), (equilibrium, {}), (equilibrium, {"still_settling": 0.2}), (random_walk, {}), (flat_noise, {}),
+], ids=["converging", "settled", "still-settling", "random-walk", "flat-noise"])
+def test_no_simulated_run_is_decided_before_20_epochs(simulate, options):
+    """Cut where a phase-2 run may still be settling (before its 10th epoch, or with its later half
+    starting there), every run is undecided, however its phase shows."""
+    for k in range(100):
+        rows = simulate(np.random.default_rng([14, k]), 50, **options)
+        for cut in (5, 10, 16, 19):
+            verdict = classify([r for r in rows if r["epoch"] <= cut], 10)
+            assert verdict.too_short, (cut, verdict.evidence)
+
+
 @pytest.mark.parametrize("epochs", [1000, 50])
 def test_flat_noise_gives_a_false_phase_under_1_percent(epochs):
     found = verdicts(flat_noise, epochs, count=1000, seed=12)
@@ -322,3 +367,25 @@ def test_simulated_runs_get_their_phase(epochs, simulate, options, phase):
     found = verdicts(simulate, epochs, count=300, seed=13, **options)
     wrong = sum(n for p, n in found.items() if p not in (phase, UNDECIDED))
     assert wrong <= 3 and found[phase] >= 0.95 * 300, found  # under 1 % wrong, at least 95 % right
+
+
+# --- the rules in words: one definition -------------------------------------------------------------------
+def words(text):
+    return " ".join(text.replace("**", "").split())
+
+
+def test_readme_and_help_state_the_rules_as_phases_py_does():
+    """README.md's list of rules and `sphrun plot --help` are RULES word for word, numbers included: a
+    threshold changed in sphrun/phases.py and not in the README fails here."""
+    from typer.testing import CliRunner
+
+    from sphrun.cli import app
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+        readme = words(f.read())
+    shown = words(CliRunner().invoke(app, ["plot", "--help"], terminal_width=240).output)
+    for rule in RULES:
+        assert f"- {rule.heading}: {rule.text}" in readme, rule.heading
+        assert f"{rule.heading}: {rule.text}" in shown, rule.heading
+    assert [rule.heading for rule in RULES] == ["3 (divergence)", "1 (convergence)", "2 (chaotic equilibrium)",
+                                                UNDECIDED]  # the order decide() tries them in

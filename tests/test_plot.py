@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import random
 import shutil
 import sys
 
@@ -18,11 +17,12 @@ from matplotlib.colors import to_hex
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.phases import group_table
+from sphrun.phase_table import group_table
 from sphrun.plot import (KINDS, cosine_figure, draw_connect, draw_plane, metrics_figure, phase_figure, plot,
                          projection_figure, spectrum_figure, with_curvature)
 from sphrun.runs import find_dirs, group_series, load_run, load_runs, parent_rows
-from sphrun.style import PHASE_COLORS, PHASE_EDGES, STYLE, figure_legend, new_figure, set_scale
+from sphrun.style import (PHASE_COLORS, PHASE_EDGES, STYLE, UNDECIDED_SHADE, axis_label, figure_legend,
+                          new_figure, set_scale)
 from sphrun.rundir import RunDir
 from sphrun.train import train
 
@@ -30,9 +30,10 @@ from sphrun.train import train
 # A sweep of five ELRs whose phases are plain by construction: phase 1 reaches zero train error with
 # nearly parallel checkpoints, phase 2 sits at a level well below chance, phase 3 sits at chance (90 %)
 # with uncorrelated checkpoints. Each run's values differ, so a figure that draws the wrong run, column or
-# row shows other numbers. Steps 0, 100, ..., 1100; the file's rows are shuffled, so its last row is
-# not the final one.
+# row shows other numbers. Steps 0, 100, ..., 1100 at 25 steps per epoch (44 epochs, the fine-tune 24:
+# long enough for the rules).
 STEPS = list(range(0, 1200, 100))
+STEPS_PER_EPOCH = 25
 SWEEP = {1e-4: "1", 3e-4: "1", 3e-3: "2", 1e-2: "2", 1e-1: "3"}
 FT_ELR, FT_FROM, FT_PARENT = 3e-3, 500, 3e-4
 
@@ -56,7 +57,7 @@ def handmade_row(phase, elr, k):
         cos = 0.6 * c + wiggle(k, 0.02)
     else:
         loss, err, gm, cos = c * 8 * (1 + wiggle(k, 0.03)), 0.9 + wiggle(k, 0.003), c * 2000, wiggle(k, 0.01)
-    return {"iter": STEPS[k], "epoch": STEPS[k] / 100, "elr": elr, "train_loss": loss, "train_err": err,
+    return {"iter": STEPS[k], "epoch": STEPS[k] / STEPS_PER_EPOCH, "elr": elr, "train_loss": loss, "train_err": err,
             "test_loss": loss + 0.5, "test_err": min(1.0, err + 0.1), "gm": gm, "si_norm": 40.0,
             "cos_prev": 1.0 if k == 0 else cos, "cos_init": 1 - 0.01 * k, "proj_err": c * 1e-3 * (k % 3),
             "wall_s": 10.0 * k}
@@ -74,9 +75,7 @@ def write_run(folder, elr, rows, parent=None, eval_every=100):
               "parent": parent, "status": "done"}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
-    shuffled = rows[:]
-    random.Random(len(rows)).shuffle(shuffled)
-    write_csv(os.path.join(folder, "metrics.csv"), shuffled)
+    write_csv(os.path.join(folder, "metrics.csv"), rows)
 
 
 @pytest.fixture
@@ -191,6 +190,24 @@ def test_metrics_shading_claims_no_phase_past_the_outermost_elrs(handmade):
         assert max(s[1] for s in spans) == pytest.approx(max(SWEEP)), ax.get_ylabel()
         low, high = ax.get_xlim()
         assert low < min(SWEEP) and high > max(SWEEP)  # the axis goes on, unshaded, where nothing was run
+
+
+def test_a_sweep_too_short_for_the_rules_is_undecided_in_the_table_and_on_the_figure(tmp_path):
+    """The hand-made sweep, its phases plain, evaluated over 10 epochs instead of 44: phase 2 may still be
+    settling in its later half (the paper: within 5-10 epochs), so no group gets a phase, and the
+    figure shades none, but says why."""
+    for elr, phase in SWEEP.items():
+        rows = [dict(row, epoch=row["iter"] / 110) for row in handmade_rows(phase, elr)]  # 0 to 10 epochs
+        write_run(tmp_path / run_name(elr), elr, rows)
+    runs = sweep_runs(tmp_path)
+    table = group_table(runs)
+    why = "undecided (too short: 10 epochs, needs 20)"
+    assert [(row["phase"], row["agreement"]) for row in table] == [("undecided", why)] * len(SWEEP)
+    assert all(row["evidence"] == "too short: 10 epochs, needs 20" for row in table)
+    figure = render(metrics_figure(runs, table))
+    for ax in figure.axes:
+        assert {band_colour(ax, elr) for elr in SWEEP} == {UNDECIDED_SHADE["facecolor"]}, ax.get_ylabel()
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [why]
 
 
 def test_metrics_writes_and_prints_the_phase_table(handmade, tmp_path, monkeypatch, capsys):
@@ -425,18 +442,36 @@ def band_holding(contours, point):
     return None
 
 
+def bar_label(contours):
+    """The label of the colour bar of a panel's contours (above the panel or beside it)."""
+    bar = contours.colorbar.ax
+    return bar.get_xlabel() or bar.get_ylabel()
+
+
+def bar_ticks(contours):
+    """The tick values a colour bar shows, along its long side."""
+    bar = contours.colorbar
+    axis = bar.ax.xaxis if bar.orientation == "horizontal" else bar.ax.yaxis
+    low, high = sorted(axis.get_view_interval())
+    return [t for t in axis.get_majorticklocs() if low <= t <= high]
+
+
 def test_plane_figure_draws_the_surface_the_solutions_and_the_angle(tmp_path):
     figure = render(draw_plane(plane_output(tmp_path / "abc")))
     panels = [ax for ax in figure.axes if ax.get_xlabel().startswith("u")]
     loss, error = contour_sets(figure)
-    assert len(panels) == 2 and [ax._colorbar.ax.get_ylabel() for ax in figure.axes if hasattr(ax, "_colorbar")] \
-        == ["train loss (nats)", "test error (%)"]
+    assert len(panels) == 2 and [bar_label(c) for c in (loss, error)] == ["train loss (nats)", "test error (%)"]
     losses = [plane_loss(u, v) for v in PLANE_VS for u in PLANE_US]
     assert loss.levels[0] == pytest.approx(min(losses)) and loss.levels[-1] == pytest.approx(max(losses))
     ratios = np.diff(np.log(loss.levels))
     assert np.allclose(ratios, ratios[0])  # log levels: each band the same factor
     assert band_holding(loss, (2.0, 1.5)) == 0  # the lowest loss in the lowest band, where it is
     assert band_holding(loss, (-1.0 + 1e-3, -0.5 + 1e-3)) == len(loss.levels) - 2  # the highest, in a corner
+    for u in PLANE_US[1:-1]:  # every inner grid point drawn in the band of its measured value
+        for v in PLANE_VS[1:-1]:
+            value = plane_loss(u, v)
+            if not np.isclose(loss.levels, value).any():  # on a level, either band is right
+                assert band_holding(loss, (u, v)) == np.searchsorted(loss.levels, value) - 1, (u, v)
     errors = [100 * (0.2 + 0.05 * u + 0.02 * v) for v in PLANE_VS for u in PLANE_US]  # percent
     assert error.levels[0] <= min(errors) < error.levels[1] and error.levels[-2] < max(errors) <= error.levels[-1]
     assert np.allclose(np.diff(error.levels), np.diff(error.levels)[0])
@@ -451,6 +486,64 @@ def test_plane_figure_draws_the_surface_the_solutions_and_the_angle(tmp_path):
     assert legend[:3] == ["A: ELR 0.0003 s0 @900", "B: ELR 0.0003 s1 @900", "C: ELR 0.0003 s2 @900"]
     assert "cos(angle at A) = 0.316" in legend[3]
     assert "synthetic data (500 train images)" in suptitle(figure)
+
+
+@pytest.fixture(scope="module")
+def plane_drawn(tmp_path_factory):
+    """The plane figure of plane_output, drawn once for the tests that only read it."""
+    return render(draw_plane(plane_output(tmp_path_factory.mktemp("plane") / "abc")))
+
+
+def test_plane_legend_marks_the_solutions_as_drawn_not_with_letter_glyphs(plane_drawn):
+    handles = plane_drawn.legends[0].legend_handles
+    assert not [h.get_marker() for h in handles if str(h.get_marker()).startswith("$")]  # mathtext: bold italics
+    for handle in handles[:3]:  # A, B, C: the white dots with black rims of the panels
+        assert handle.get_marker() == "o" and to_hex(handle.get_markerfacecolor()) == "#ffffff"
+
+
+def test_plane_panels_sit_side_by_side_in_one_column(plane_drawn):
+    figure = plane_drawn
+    width, height = figure.get_size_inches()
+    assert width == pytest.approx(3.4) and height < width  # stacked, this plane's two panels took 4.3 in
+    left, right = (ax.get_window_extent() for ax in figure.axes if ax.get_xlabel().startswith("u"))
+    assert left.x1 < right.x0 and left.y0 < right.y1 and right.y0 < left.y1  # side by side, level
+    assert suptitle(figure).count("\n") <= 1  # the data, the loss and the model: two lines at most
+
+
+def round_step(values):
+    """The common step of evenly spaced values when it is 1, 2, 2.5 or 5 times a power of ten and every value
+    a multiple of it (10, 20, 30, not 18, 30, 42); None otherwise."""
+    steps = np.diff(values)
+    if not np.allclose(steps, steps[0]):
+        return None
+    power = 10 ** math.floor(math.log10(steps[0]))
+    multiples = np.array(values) / steps[0]
+    return steps[0] if round(steps[0] / power, 6) in (1, 2, 2.5, 5) and np.allclose(multiples, np.round(multiples)) \
+        else None
+
+
+def test_plane_colour_bars_tick_at_round_values(tmp_path):
+    folder = plane_output(tmp_path / "abc")  # test error 14 % to 50 %: 12 levels of 3 where any step goes
+    for columns in (("test_err",), ("train_loss", "test_err")):  # even levels: a bar beside, a bar above
+        contours = contour_sets(render(draw_plane(folder, columns)))[-1]
+        assert round_step(contours.levels), contours.levels
+        ticks = bar_ticks(contours)
+        assert len(ticks) >= 3 and round_step(ticks), ticks
+        axis = contours.colorbar.ax.xaxis if len(columns) > 1 else contours.colorbar.ax.yaxis
+        labels = [label.get_window_extent() for label in axis.get_majorticklabels() if label.get_text()]
+        assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:])), ticks  # readable side by side
+
+
+def test_a_coarse_planes_contours_are_not_its_grids_facets(plane_drawn):
+    """Contours interpolated linearly between grid points have every vertex on a grid line (each cell's
+    edges): straight facets. Drawn from a finer interpolated surface, few lie there."""
+    loss, _ = contour_sets(plane_drawn)
+    inner = np.array([vertex for band in loss.allsegs for polygon in band for vertex in polygon
+                      if PLANE_US[0] < vertex[0] < PLANE_US[-1] and PLANE_VS[0] < vertex[1] < PLANE_VS[-1]])
+    on_grid = np.isclose(inner[:, :1], PLANE_US).any(axis=1) | np.isclose(inner[:, 1:], PLANE_VS).any(axis=1)
+    assert len(inner) > 100 and on_grid.mean() < 0.2, (len(inner), on_grid.mean())
+    legend = [t.get_text() for t in plane_drawn.legends[0].get_texts()]
+    assert any("5 x 4 grid, interpolated" in text for text in legend)  # the grid measured, said
 
 
 def test_plane_kind_draws_the_column_asked(tmp_path):
@@ -480,6 +573,13 @@ def bump(centre, height, count=51):
     return list(eigenvalues), list(height * np.exp(-(eigenvalues - centre) ** 2 / 1.1))
 
 
+def drawn_curve(ax, line):
+    """(x, y) of a density's line within the axis, and its two ends (x, y) as drawn."""
+    floor = ax.get_ylim()[0]
+    x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    return x[y >= floor], y[y >= floor], (x[0], y[0]), (x[-1], y[-1])
+
+
 def test_spectrum_of_several_runs_draws_each_at_its_last_step_in_its_elrs_colour(handmade, capsys):
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
@@ -495,12 +595,48 @@ def test_spectrum_of_several_runs_draws_each_at_its_last_step_in_its_elrs_colour
     assert len(lines) == 2
     norm, colours = LogNorm(min(SWEEP), max(SWEEP)), colormaps["viridis"]
     for line, run, step in zip(lines, (runs[0], runs[-1]), (1100, 500)):
-        eigenvalues, density = measured[run.path][step]
-        assert list(line.get_xdata()) == pytest.approx(eigenvalues) and list(line.get_ydata()) == pytest.approx(density)
+        eigenvalues, density = np.array(measured[run.path][step])
+        x, y, _, _ = drawn_curve(ax, line)
+        above = density >= 2e-6
+        assert list(x) == pytest.approx(eigenvalues[above]) and list(y) == pytest.approx(density[above])
         assert to_hex(line.get_color()) == to_hex(colours(norm(run.elr)))
     assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((2e-6, 4.0))  # 1e-6 of the peak
     assert ax.get_xlabel() == r"Hessian eigenvalue $\lambda$" and "density" in ax.get_ylabel()
+    legend = [" ".join(t.get_text().split()) for t in figure.legends[0].get_texts()]
+    assert legend == ["each run at its last step: 500 to 1100 (epochs 20 to 44)"]
+    assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "ELR"  # a colour bar of the ELRs
     assert "has no hessian-density.csv and is left out" in capsys.readouterr().err
+
+
+def test_spectrum_of_one_run_at_one_step_names_it_without_a_colour_bar(handmade):
+    root, _ = handmade
+    run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
+    write_density(run.path, {1100: bump(1, 2.0)})
+    figure = render(spectrum_figure([run]))
+    assert len(figure.axes) == 1  # one ELR: no colour bar to read it off
+    (line,) = figure.axes[0].get_lines()
+    legend = figure.legends[0]
+    # the step and its epoch (25 steps per epoch), and the run's ELR
+    assert [t.get_text() for t in legend.get_texts()] == ["ELR 0.0003 at step 1100 (epoch 44)"]
+    assert to_hex(legend.legend_handles[0].get_color()) == to_hex(line.get_color())
+    assert "step" not in suptitle(figure) + figure.axes[0].get_title()  # said once
+
+
+def test_every_spectrum_tail_reaches_the_axis_floor(handmade):
+    """A density sampled only down to 1e-5 of its peak on its left (as sphrun's grid, 5 smoothing widths past
+    the outermost Ritz values, may stop above the floor 1e-6 of the peak): the line still meets the floor."""
+    root, _ = handmade
+    run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
+    eigenvalues, density = bump(0, 1.0, count=101)
+    cut = next(i for i, d in enumerate(density) if d >= 1e-5)
+    write_density(run.path, {1100: (eigenvalues[cut:], density[cut:])})
+    ax = render(spectrum_figure([run])).axes[0]
+    (line,) = ax.get_lines()
+    floor = ax.get_ylim()[0]
+    x, y, first, last = drawn_curve(ax, line)
+    assert first[0] == pytest.approx(eigenvalues[cut]) and first[1] <= floor  # dropped to the floor where it stops
+    assert last[0] == pytest.approx(eigenvalues[-1]) and last[1] <= floor
+    assert list(y) == pytest.approx([d for d in density[cut:] if d >= floor])  # the curve itself as measured
 
 
 def test_spectrum_of_one_run_draws_each_step_early_to_late(handmade):
@@ -510,16 +646,35 @@ def test_spectrum_of_one_run_draws_each_step_early_to_late(handmade):
     run = [r for r in sweep_runs(root) if "-ft-" not in r.path][1]
     curves = {0: bump(0, 1.0), 600: bump(2, 1.0), 1100: bump(4, 1.0)}
     write_density(run.path, curves)
-    lines = render(spectrum_figure([run])).axes[0].get_lines()
-    assert [line.get_xdata()[25] for line in lines] == pytest.approx([bump(c, 1)[0][25] for c in (0, 2, 4)])
+    figure = render(spectrum_figure([run]))
+    lines = figure.axes[0].get_lines()
+    assert [line.get_xdata()[26] for line in lines] == pytest.approx([bump(c, 1)[0][25] for c in (0, 2, 4)])
     early_to_late = [to_hex(colormaps["plasma"](f)) for f in (0.0, 600 / 1100, 1.0)]
     assert [to_hex(line.get_color()) for line in lines] == early_to_late
+    assert figure.axes[1].get_ylabel() == "SGD steps"  # the colour bar of the steps
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["ELR 0.0003, one line per measured step"]
 
 
 def test_spectrum_without_densities_is_one_line(handmade):
     root, _ = handmade
     with pytest.raises(SphrunError, match="no run has a hessian-density.csv"):
         spectrum_figure(sweep_runs(root))
+
+
+def test_gm_axes_say_their_unit(handmade, tmp_path):
+    """GM is the norm of the gradient of the loss by the SI weights theta: the loss's unit (nats for
+    cross-entropy) per unit of theta, on every figure that draws it."""
+    root, _ = handmade
+    runs = sweep_runs(root)
+    connect = connect_output(tmp_path / "ab", {"a": end("a", 0), "b": end("b", 1), "train_size": 500})
+    labels = {"phase": render(phase_figure(runs)).axes[0].get_ylabel(),
+              "metrics": render(metrics_figure(runs, group_table(runs))).axes[3].get_ylabel(),
+              "connect": render(draw_connect([connect])).axes[3].get_ylabel(),
+              "plane": bar_label(contour_sets(render(draw_plane(plane_output(tmp_path / "abc"), ("gm",))))[0])}
+    for figure, label in labels.items():
+        assert label.startswith("GM") and label.endswith(r"(nats per unit $\theta$)"), (figure, label)
+    assert axis_label("gm", ["mse"], short=True) == r"GM (MSE per unit $\theta$)"
+    assert axis_label("gm", ["ce", "mse"], short=True) == r"GM (loss per unit $\theta$)"  # two units: none
 
 
 def test_projection_figure_draws_the_mean_over_steps(handmade):
@@ -746,9 +901,14 @@ def test_mixed_losses_are_drawn_together(sweep, tmp_path):
     copy_run(sweep / "runs" / "elr0.001", runs / "a")
     copy_run(sweep / "runs" / "elr1", runs / "b")
     set_setting(runs / "b", loss="mse")
-    ax = render(phase_figure(sweep_runs(runs))).axes[0]
+    figure = render(phase_figure(sweep_runs(runs)))
+    ax = figure.axes[0]
     markers = {l.get_marker() for l in ax.get_lines() if len(l.get_xdata()) == 1}
     assert {"o", "s"} <= markers  # one marker shape per loss
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert {"cross-entropy", "MSE"} <= set(legend)  # named in the legend, and so not in the title again
+    assert "cross-entropy" not in ax.get_title() and "MSE" not in ax.get_title(), ax.get_title()
+    assert "synthetic data" in ax.get_title() and "ConvNet c=4" in ax.get_title()  # what all the runs share
 
 
 def test_runs_from_an_older_sphrun_join_the_same_line(sweep, tmp_path):

@@ -15,12 +15,13 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 
-from test_plot import band_colour, inside, labelled_ticks, render, run_cli
-from sphrun.phases import group_table
+from test_plot import band_colour, inside, labelled_ticks, render, run_cli, suptitle
+from sphrun.phase_table import group_table
 from sphrun.plot import cosine_figure, metrics_figure, phase_figure, projection_figure
 from sphrun.runs import find_dirs, load_runs
 from sphrun.style import PHASE_COLORS
 
+# 25 steps per epoch: 44 epochs (a fine-tune from step 500, 24), long enough for the phase rules
 STEPS = [100 * k for k in range(12)]
 # the phase of seeds 0, 1, 2 at each ELR: all converge at 1e-3; at 1e-2 seed 0 random-walks and the others
 # settle in an equilibrium, so the group's majority phase is 2 with agreement 2/3 (and not seed 0's)
@@ -43,7 +44,7 @@ def metrics_row(phase, elr, seed, k, scale=1.0):
         cos = 0.6 + 0.02 * wiggle
     else:
         loss, err, gm, cos = level * 8 * (1 + 0.03 * wiggle), 0.9 + 0.003 * wiggle, level * 2000, 0.01 * wiggle
-    return {"iter": STEPS[k], "epoch": k, "elr": elr, "train_loss": loss, "train_err": err,
+    return {"iter": STEPS[k], "epoch": 4 * k, "elr": elr, "train_loss": loss, "train_err": err,
             "test_loss": loss + 0.5, "test_err": min(1.0, err + 0.05 + 0.02 * seed), "gm": gm, "si_norm": 40.0,
             "cos_prev": 1.0 if k == 0 else cos, "cos_init": 1 - 0.01 * k,
             "proj_err": 1e-3 * level * (1 + k % 3), "wall_s": 10.0 * k}
@@ -59,7 +60,7 @@ def write_run(folder, settings, rows, parent=None):
     with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(reversed(rows))  # the last row of the file is not the final one
+        writer.writerows(rows)
 
 
 def write_sweep(root, loss="ce", scale=1.0, data_seed=0, seeds=SEEDS, seed_phases=SEED_PHASES):
@@ -294,6 +295,11 @@ def test_two_losses_stay_two_groups_at_each_elr(sweep):
     for loss, label in (("ce", "cross-entropy"), ("mse", "MSE")):
         means = [np.mean(finals(written, "gm", elr, loss)) for elr in sorted(SEED_PHASES)]
         assert list(lines[label].get_ydata()) == pytest.approx(means), loss
+    legend = [t.get_text() for t in render(figure).legends[0].get_texts()]
+    title = suptitle(figure)
+    assert {"cross-entropy", "MSE"} <= set(legend) and "cross-entropy" not in title and "MSE" not in title, title
+    assert "CIFAR-10" in title and "ConvNet c=32" in title  # what every line shares
+    assert figure.axes[3].get_ylabel() == r"GM (loss per unit $\theta$)"  # two losses: no one unit
 
 
 def test_data_seeds_join_the_group(sweep):

@@ -102,8 +102,11 @@ def train_metrics(model, params, x, y, loss, batch_size, order):
     return (total_loss / n).tolist(), (wrong / n).tolist(), torch.stack(grad_norms, dim=-1).mean(-1).tolist()
 
 
+EVALUATION_BATCH = 1000  # images per forward in BN eval mode (no gradient: no activations kept)
+
+
 @torch.no_grad()
-def eval_metrics(model, x, y, loss, batch_size=1000):
+def eval_metrics(model, x, y, loss, batch_size=EVALUATION_BATCH):
     """(loss, error) in BN eval mode, i.e. with the running statistics; lists of K for a packed model."""
     was_training = model.training
     model.eval()

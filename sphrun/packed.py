@@ -13,14 +13,15 @@ slices with the very calls of its single run (the class says why).
 
 The step (Step) reads its inputs from and writes its outputs to fixed device tensors, so that on CUDA
 it is captured once in a CUDA graph and replayed, with cudnn.benchmark and channels_last tensors. The
-first replay is checked against the same step taken eagerly; when capture fails, or the check does, one
-line says why and training goes on eagerly. A model whose step goes non-finite (its loss,
-its step, or its norm off the sphere) is frozen on the device at its last finite weights, without a
-host sync. --precision bf16 runs convolutions and matrix products in bfloat16 (autocast) while weights,
+first replay is checked against the same step taken eagerly; when capture fails (its graph and memory
+then released), or the check does, one line says why and training goes on eagerly. A model whose step
+goes non-finite (its loss, its step, or its norm off the sphere) is frozen on the device at its last
+finite weights, without a host sync. --precision bf16 runs convolutions and matrix products in bfloat16 (autocast) while weights,
 norms, the projection and BatchNorm statistics stay float32.
 """
 
 import contextlib
+import gc
 
 import torch
 import torch.nn.functional as F
@@ -319,17 +320,22 @@ class Step:
 
     def capture(self):
         """Record the step as a CUDA graph, or stay eager when that fails, saying why (the step is the
-        same either way; a failed capture ran no kernels, so it changed nothing)."""
+        same either way; a failed capture ran no kernels, so it changed nothing). A failed capture (one
+        an illegal op invalidated raises at its end) leaves the device as it was: the graph and its
+        memory pool are released and the step's stream is current again, so the eager steps have it."""
+        stream = torch.cuda.current_stream(self.device)
+        graph = torch.cuda.CUDAGraph()
         try:
-            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.eager()
+        except Exception as e:  # the device's own refusal, whatever its kind: eager training still works
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        else:
             self.graph = graph
-        except Exception as e:
-            self.eager_only = True
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            message(f"note: CUDA graph capture failed ({type(e).__name__}: {reason}); training without it, "
-                    f"more slowly")
+            return
+        release_capture(graph, stream, self.device)  # after the except block: its traceback held the capture
+        self.eager_only = True
+        message(f"note: CUDA graph capture failed ({failure}); training without it, more slowly")
 
     def capture_and_check(self):
         """Capture the step, then take it twice from the same state, eagerly and by the graph's first
@@ -338,6 +344,7 @@ class Step:
         saved = clone(self.written())
         self.capture()
         if self.graph is None:
+            restore(self.written(), saved)  # a capture runs no kernel; this holds even where one ran
             self.eager()
             return
         self.eager()
@@ -367,6 +374,22 @@ def schedule(configs, rho0s):
     length = max(c.transition for c in configs)
     rate = lambda c, rho0, elr: learning_rate(elr, rho0) if c.sphere else elr
     return [[rate(c, rho0, c.elr_at(origin + j)) for c, rho0 in zip(configs, rho0s)] for j in range(length + 1)]
+
+
+def release_capture(graph, stream, device):
+    """Free a failed capture's graph and the memory its pool holds, and make `stream` (the one the
+    capture started from: a capture that raises at its end leaves its own current) current again."""
+    graph.reset()
+    del graph
+    torch.cuda.set_stream(stream)
+    torch.cuda.synchronize(device)
+    free_unused_memory()
+
+
+def free_unused_memory():
+    """Return the device memory no tensor holds any more (a collection first: cycles may hold some)."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def clone(tensors):

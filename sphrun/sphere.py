@@ -66,8 +66,8 @@ def tangent_part(direction, params, members=False):
 
 
 def random_keys(seeds):
-    """The base keys of the random-step streams of runs with these seeds (sphrun.noise): a (K,) int64
-    tensor for a list of seeds, a number for one."""
+    """The base keys of the random-step streams of runs with these seeds (sphrun.noise): a (K, 2) int64
+    tensor for a list of seeds, a pair of words for one."""
     if isinstance(seeds, int):
         return noise.key(seeds, noise.RANDOM_STEP)
     return torch.tensor([noise.key(s, noise.RANDOM_STEP) for s in seeds], dtype=torch.int64)

@@ -24,6 +24,7 @@ import torch
 from sphrun import SphrunError
 from sphrun.config import evaluation_steps
 from sphrun.data import BatchOrder, Data
+from sphrun.fitting import halving_on_oom, pass_size
 from sphrun.lifecycle import default_run_path, open_runs, prepare, remove_unstarted
 from sphrun.rundir import CannotWrite, Status
 from sphrun.metrics import cosine, eval_metrics, train_metrics
@@ -81,14 +82,21 @@ def train_runs(configs, paths, pack=None, argv=(), start=None):
                 message(m.note)
             if m.status == Status.DONE and m.stored["status"] != Status.DONE:  # stopped at its last step
                 m.run.set_status(Status.DONE)
-        groups = passes([m for m in runs.members if m.status == Status.RUNNING], pack or len(runs.members))
+        running = [m for m in runs.members if m.status == Status.RUNNING]
+        size, fits = pass_size(running, runs.data, runs.device, pack)  # on a GPU, what fits its memory
+        groups = passes(running, size)
         try:
             for number, group in enumerate(groups, 1):
                 order = runs.orders[group[0].config.data_seed]
                 message(announcement(group, runs.total, order, runs.device) +
-                        (f": pass {number} of {len(groups)}" if len(groups) > 1 else ""))
-                p = open_pass(group, runs.data, order, runs.device, runs.total)
-                train_pass(p, runs.data_id, argv)
+                        (f": pass {number} of {len(groups)}" if len(groups) > 1 else "") + fits)
+
+                def trained(part):
+                    p = open_pass(part, runs.data, order, runs.device, runs.total)
+                    train_pass(p, runs.data_id, argv)
+                    return p
+                p, later = halving_on_oom(trained, group)  # a pass too large trains what fits, the rest next
+                groups[number:number] = later
                 if p.stopped_by is not None:
                     stop_after_pass(p.stopped_by, number, len(groups))
         finally:

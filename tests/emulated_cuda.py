@@ -24,7 +24,14 @@ Inside `emulated_cuda()`:
   each result written into the memory the capture gave it. A random-number op, a host sync or a
   host-to-device copy inside the capture raises, as on a GPU (F.one_hot's bounds check, which runs on
   the CPU only, aside). `g.kernels()` are the recorded ops that launch work (not views, not
-  allocations).
+  allocations); `g.reset()` drops the recording, and with it the memory the capture gave its results,
+  which happens too once sphrun drops the graph (as a real graph's memory pool goes with it), while the
+  emulator keeps it, reset, for the tests (`graphs`: every graph made, with its replays);
+- device memory is counted: the bytes of live device storages (`allocated`, its `peak`), reported by
+  torch.cuda.mem_get_info, memory_allocated and max_memory_allocated out of `total_memory` (80 GiB
+  unless a test sets less); an allocation past it raises torch.cuda.OutOfMemoryError, as a GPU does;
+- a test injects faults (`faults`): each is called with a Graph at the end of its capture, where it may
+  change the recording (a wrong graph) or raise (an invalidated capture: `invalidated_capture`).
 """
 
 import contextlib
@@ -103,11 +110,33 @@ class Emulator:
         self.excused = 0  # inside F.one_hot: its CPU-only bounds check is not a GPU sync
         self.graphs = []
         self.faults = []  # a test's injected bugs: each called with a Graph once it is captured
+        self.total_memory = 80 * 2 ** 30  # bytes: a data-center GPU's, or a test's limit
+        self.allocated = self.peak = 0  # bytes of live device storages, and their most since reset
 
     # --- marks ----------------------------------------------------------------------------------
     def mark(self, tensor, registry=None):
         storage = storage_of(tensor)
+        if registry is None and not self.on_device(tensor):
+            self.allocate(storage)
         (self.marks if registry is None else registry)[storage._cdata] = weakref.ref(storage)
+
+    # --- memory ----------------------------------------------------------------------------------
+    def allocate(self, storage):
+        """Count a storage new on the device until it dies; past total_memory, what a GPU raises."""
+        size = storage.nbytes()
+        if self.allocated + size > self.total_memory:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {size / 2 ** 20:.2f} MiB. GPU 0 has a total capacity of "
+                f"{self.total_memory / 2 ** 30:.2f} GiB of which {self.free() / 2 ** 20:.2f} MiB is free.")
+        self.allocated += size
+        self.peak = max(self.peak, self.allocated)
+        weakref.finalize(storage, self.release, size)
+
+    def release(self, size):
+        self.allocated -= size
+
+    def free(self):
+        return self.total_memory - self.allocated
 
     def on_device(self, tensor, registry=None):
         registry = self.marks if registry is None else registry
@@ -351,6 +380,10 @@ class Graph:
             return not aliasing and func not in ALLOCATIONS
         return [op for op in self.recording if launches(op[0])]
 
+    def reset(self):
+        """CUDAGraph.reset: the graph is deleted, and the results its capture holds are freed."""
+        self.recording = []
+
     def replay(self):
         self.replays += 1
         with torch.no_grad(), torch._C.DisableTorchFunction():  # kernels run, no Python-level call
@@ -360,6 +393,23 @@ class Graph:
                     if not (old.data_ptr() == new.data_ptr() and old.stride() == new.stride()):
                         old.copy_(new)  # into the memory the capture gave this result
 
+
+
+class GraphHandle:
+    """What torch.cuda.CUDAGraph() gives sphrun: its Graph, reset once sphrun drops the handle."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        weakref.finalize(self, graph.reset)
+
+    def __getattr__(self, name):
+        return getattr(self.graph, name)
+
+
+def invalidated_capture(graph):
+    """A fault: the capture raises at its end, as a real one does that an illegal op invalidated."""
+    raise RuntimeError("CUDA error: operation failed due to a previous error during capture\n"
+                       "CUDA kernel errors might be asynchronously reported at some other API call")
 
 
 class Stream:
@@ -391,7 +441,13 @@ def emulated_cuda(monkeypatch):
         (torch.cuda, "Stream"): Stream,
         (torch.cuda, "current_stream"): lambda device=None: stream,
         (torch.cuda, "stream"): lambda s: contextlib.nullcontext(),
-        (torch.cuda, "CUDAGraph"): lambda *a, **k: Graph(emulator),
+        (torch.cuda, "set_stream"): lambda s: None,
+        (torch.cuda, "mem_get_info"): lambda device=None: (emulator.free(), emulator.total_memory),
+        (torch.cuda, "memory_allocated"): lambda device=None: emulator.allocated,
+        (torch.cuda, "max_memory_allocated"): lambda device=None: emulator.peak,
+        (torch.cuda, "reset_peak_memory_stats"): lambda device=None: setattr(emulator, "peak", emulator.allocated),
+        (torch.cuda, "empty_cache"): lambda: None,
+        (torch.cuda, "CUDAGraph"): lambda *a, **k: GraphHandle(Graph(emulator)),
         (torch.cuda, "graph"): lambda graph, *a, **k: graph.capture(),
         (torch._C, "_cuda_setDevice"): lambda index: None,
         (torch, "autocast"): lambda device_type, *a, **k: real_autocast(

@@ -3,6 +3,7 @@
 bit for bit, the bugs the capture model catches, the first replay's check, and the CUDA form of the pack
 against the CPU form."""
 
+import gc
 import os
 import signal
 import sys
@@ -18,7 +19,8 @@ from sphrun.train import Interrupted, StopRequest, train, train_sweep
 from sphrun.finetune import finetune
 
 from conftest import REPO, TINY
-from emulated_cuda import EmulationError
+from emulated_cuda import EmulationError, invalidated_capture
+from test_host_stalls import a_pass, steps_cost
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import gpu_check  # noqa: E402  (its deliberate divergence)
@@ -318,6 +320,41 @@ def test_a_wrong_graph_is_caught_by_its_first_replay_and_training_goes_on_eagerl
     eager = train_all(configs((1e-3, 1e-2)), str(tmp_path / "eager"))
     for a, b, c in zip(checked, eager, unchecked):
         assert same_history(a, b) and not same_history(c, b)
+
+
+def test_a_capture_that_fails_at_its_end_leaves_one_note_and_training_goes_on_eagerly(cuda, tmp_path, monkeypatch,
+                                                                                     capsys, steps_made):
+    cuda.faults.append(invalidated_capture)
+    short = configs(iters=6, eval_every=6)  # the capture at the 4th step, two eager steps after it
+    failed = train_all(short, str(tmp_path / "failed"))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note" in line]
+    assert notes == ["note: CUDA graph capture failed (RuntimeError: CUDA error: operation failed due to a previous "
+                     "error during capture); training without it, more slowly"]
+    assert STEPS[-1].graph is None and cuda.graphs[-1].replays == 0
+    cuda.faults.clear()
+    eagerly(monkeypatch)
+    assert same_history(*failed, *train_all(short, str(tmp_path / "eager")))
+
+
+def memory_taken_by_steps(cuda, tmp_path, count):
+    """Device bytes a pass of two models holds after `count` steps beyond what it held before them
+    (garbage collected first: the models its pack was made from go in a collection)."""
+    _, step, order = a_pass(tmp_path, [1e-3, 1e-2])
+    gc.collect()
+    before = cuda.allocated
+    steps_cost(cuda, step, order, 0, count)
+    gc.collect()
+    return cuda.allocated - before
+
+
+def test_a_failed_capture_releases_its_graph_and_memory(cuda, tmp_path, monkeypatch):
+    """After a capture that raised at its end, the pass holds what an eager pass holds: the graph's
+    recorded results (its memory pool) are freed, not kept beside the eager steps."""
+    cuda.faults.append(invalidated_capture)
+    failed = memory_taken_by_steps(cuda, tmp_path / "failed", 6)  # 3 eager, the capture, 2 eager
+    cuda.faults.clear()
+    eagerly(monkeypatch)
+    assert failed == memory_taken_by_steps(cuda, tmp_path / "eager", 6)
 
 
 # --- the CUDA form of the pack against the CPU form -------------------------------------------------------

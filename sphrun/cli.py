@@ -583,7 +583,7 @@ def curvature(
         None, metavar="S",
         help="hessian-density: the standard deviation of the Gaussian that smooths each Ritz value, as a "
              "fraction of the spread of the Ritz values (largest minus smallest over all probes), from 1e-5 "
-             "to 1. The curve is sampled every fifth of that width, out to 5 widths around each Ritz value. "
+             "to 1. The curve is sampled every fifth of that width, out to 7 widths around each Ritz value. "
              "(default: the quadrature's resolution, the median gap between neighbouring Ritz values of a "
              "probe: a smooth bulk, sharp outliers; docs/science.md, The Hessian's eigenvalue density)"),
     batches: Optional[int] = typer.Option(

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from typing import NamedTuple
@@ -385,6 +386,15 @@ def write_output(out, table, columns, rows, record, figure, draw):
             draw(scratch, os.path.join(out, figure))
 
 
+def write_whole(out, *output):
+    """write_output once every point is measured: a first stop signal now lets it finish, the command
+    then ending as done (exit 0, as train's last step), with a note; a second stops at once."""
+    with StopRequest() as stop:
+        write_output(out, *output)
+    if stop.requested:
+        message(f"note: {signal.Signals(stop.signum).name} came as the last point ended: the output is written")
+
+
 def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=None, project=None,
             out=None, device="auto", data_dir=None, argv=(), allow_tf32=False, other_data=False):
     """Metrics along the segment from A to B; writes OUT/connect.csv, OUT/config.json and the figure.
@@ -439,8 +449,7 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
                           "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
                                       "test_err": barrier(alphas, [r["test_err"] for r in rows])},
                           **about_data}
-                with StopRequest():  # a first signal now lets the output be written: every point is measured
-                    write_output(out, "connect.csv", CONNECT_COLUMNS, rows, record, "connect.png", draw_segment)
+                write_whole(out, "connect.csv", CONNECT_COLUMNS, rows, record, "connect.png", draw_segment)
                 unfinished.remove()
     message(f"{out}: barrier {record['barrier']['train_loss']:.4g} in train loss, "
             f"{record['barrier']['test_err']:.4g} in test error")
@@ -567,8 +576,7 @@ def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, projec
                           "grid": points, "margin": margin, "project": project,
                           "radius": "barycentric over the triangle of the ends' radii" if project else None,
                           "bn_batches": bn_used, "tf32": allow_tf32, **about_data}
-                with StopRequest():  # a first signal now lets the output be written: every point is measured
-                    write_output(out, "plane.csv", PLANE_COLUMNS, rows, record, "plane.png", draw_plane)
+                write_whole(out, "plane.csv", PLANE_COLUMNS, rows, record, "plane.png", draw_plane)
                 unfinished.remove()
     message(f"{out}: the plane through A, B and C (cosine of the angle at A {plane.cos_a:.3f}), train loss "
             f"{min(r['train_loss'] for r in rows):.4g} to {max(r['train_loss'] for r in rows):.4g}")

@@ -54,7 +54,9 @@ DEFAULT_MEASURES = MEASURES[:4]  # the density costs 50 times hessian-eig at the
 CURVES = ("hessian-density",)  # measures whose value is a curve, kept in RUN/<measure>.csv, not curvature.csv
 SCALARS = tuple(m for m in MEASURES if m not in CURVES)
 DENSITY_COLUMNS = ("iter", "eigenvalue", "density")
-DENSITY_PAD = 5  # Gaussian widths sampled around each Ritz value: the mass left outside is under 1e-6
+# Gaussian widths sampled around each Ritz value: beyond, a node's Gaussian is under 2e-11 of its peak, so
+# the mass outside and the trapezoid's straight line over a gap between two stretches are under 1e-9
+DENSITY_PAD = 7
 SAMPLES_PER_WIDTH = 5  # grid points per Gaussian width: the trapezoid integral is then exact to 1e-9
 # --sigma's range, a fraction of the spread: its floor (also that of the width tied to the Ritz values' gaps)
 # bounds the even grid the curve's rows are taken from to 5e5 points
@@ -224,8 +226,8 @@ def resolution(spectra):
 
 def density_grid(values, low, high, width):
     """The even grid a fifth of `width` apart from DENSITY_PAD widths below the lowest Ritz value to as far
-    above the highest, less its points farther than DENSITY_PAD widths from every Ritz value (where the
-    density is under 4e-6 of a node's peak): a narrow width over a wide spread keeps few rows."""
+    above the highest, less its points farther than DENSITY_PAD widths from every Ritz value: a narrow
+    width over a wide spread keeps few rows."""
     points = math.ceil((high - low + 2 * DENSITY_PAD * width) / width * SAMPLES_PER_WIDTH) + 1
     grid = torch.linspace(low - DENSITY_PAD * width, high + DENSITY_PAD * width, points, dtype=torch.float64)
     step = (grid[-1] - grid[0]).item() / (points - 1)

@@ -207,3 +207,18 @@ def test_a_second_connect_into_one_folder_is_refused_in_one_line(runs, cli, tmp_
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert "is being written by pid" in err and "give this connect another --out" in err
     assert os.listdir(out) == [".lock"]
+
+
+def test_a_signal_as_the_last_point_ends_lets_the_output_be_written(runs, cli, tmp_path, monkeypatch):
+    """As train's last step: every point is measured, so a scheduler's notice then costs no requeue."""
+    import sphrun.connect as connect
+
+    real = connect.write_output
+
+    def write_output(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(connect, "write_output", write_output)
+    code, err = cli("connect", *runs, "--points", "2", "--out", tmp_path / "ab")
+    assert code == 0 and "note: SIGTERM came as the last point ended: the output is written" in err, err
+    assert sorted(os.listdir(tmp_path / "ab")) == [".lock", "config.json", "connect.csv", "connect.png"]

@@ -425,11 +425,11 @@ def test_density_command_writes_its_file_beside_curvature_csv_and_guards_its_opt
     for points in curves.values():
         e, d = torch.tensor(points, dtype=torch.float64).T
         assert e.tolist() == sorted(e.tolist()) and torch.trapezoid(d, e).item() == pytest.approx(1, abs=1e-6)
-        # every sigma / 5 around each Ritz value, 5 widths past the outermost ones: a grid of at most
-        # 5 / sigma + 51 points, less those beyond 5 widths of every Ritz value
-        width = (e[-1] - e[0]).item() / (1 + 2 * 5 * 0.05) * 0.05
+        # every sigma / 5 around each Ritz value, DENSITY_PAD widths past the outermost ones: a grid of at most
+        # 5 / sigma + 10 DENSITY_PAD + 1 points, less those beyond DENSITY_PAD widths of every Ritz value
+        width = (e[-1] - e[0]).item() / (1 + 2 * DENSITY_PAD * 0.05) * 0.05
         steps = e.diff() / (width / 5)
-        assert len(points) <= round(5 / 0.05 + 2 * 5 * 5) + 1 and steps.min().item() == pytest.approx(1)
+        assert len(points) <= round(5 / 0.05 + 2 * DENSITY_PAD * 5) + 1 and steps.min().item() == pytest.approx(1)
         assert torch.allclose(steps, steps.round(), atol=1e-6)
     options = json.load(open(os.path.join(copy, "curvature.json")))["options"]["hessian-density"]
     assert (options["probes"], options["lanczos"], options["sigma"], options["batches"]) == (2, 3, 0.05, 2)

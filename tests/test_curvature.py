@@ -386,7 +386,8 @@ def test_the_default_width_resolves_a_bulk_beside_far_outliers():
     spread (1 % of it would be the bulk's half width), so the bulk is resolved, within the probes' noise,
     and each outlier is a peak of its own."""
     outliers = [20.0, 30.0, 40.0, 50.0]
-    exact = torch.cat([torch.linspace(-0.5, 0.5, 396, dtype=torch.float64), torch.tensor(outliers, dtype=torch.float64)])
+    exact = torch.cat([torch.linspace(-0.5, 0.5, 396, dtype=torch.float64),
+                       torch.tensor(outliers, dtype=torch.float64)])
     basis, _ = torch.linalg.qr(torch.randn(400, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     hessian = (basis * exact) @ basis.T
     probe = Probes(0, 0, "hessian-density")

@@ -574,16 +574,18 @@ def curvature(
         5, metavar="N",
         help="Rademacher probe vectors per batch of the Hutchinson traces; Lanczos runs (random starts) of "
              "hessian-density."),
-    lanczos: int = typer.Option(
-        10, metavar="N",
+    lanczos: Optional[int] = typer.Option(
+        None, metavar="N",
         help="Lanczos steps (Hessian-vector products over all batches) of hessian-eig, and of each run of "
-             "hessian-density."),
-    sigma: float = typer.Option(
-        0.01, metavar="S",
+             "hessian-density (at least 2: one step gives one Ritz value per probe, no density). (default: 10 "
+             "for hessian-eig, the paper's; 100 for hessian-density, PyHessian's)"),
+    sigma: Optional[float] = typer.Option(
+        None, metavar="S",
         help="hessian-density: the standard deviation of the Gaussian that smooths each Ritz value, as a "
-             "fraction of the spread of the Ritz values (largest minus smallest over all probes), from "
-             "0.001 to 1; the curve is sampled every fifth of that width, out to 5 widths past the outermost "
-             "Ritz values (5 / S + 51 points per step)."),
+             "fraction of the spread of the Ritz values (largest minus smallest over all probes), from 1e-5 "
+             "to 1. The curve is sampled every fifth of that width, out to 7 widths around each Ritz value. "
+             "(default: the quadrature's resolution, the median gap between neighbouring Ritz values of a "
+             "probe: a smooth bulk, sharp outliers; docs/science.md, The Hessian's eigenvalue density)"),
     batches: Optional[int] = typer.Option(
         None, metavar="N",
         help="Measure over the first N full train batches of the run's batch size, those of metrics.csv; at "

@@ -14,11 +14,21 @@ With three checkpoints, the points of a grid over the plane through them (geomet
 measured the same way (point_metrics), after the same checks of the ends (open_ends). On CUDA the ConvNet
 on the sphere measures POINTS_PER_PASS of them at once, as the members of one packed network
 (sphrun.packed: they share one function space); other models take one point at a time.
+
+A measurement is long (a plane at --grid 11 took 35 min on a CPU), so each pass's points are kept as it
+ends (Unfinished); a stop signal gives up the pass under way at its next batch, and the same command
+resumes. The table, config.json and figure are written together once every point is measured
+(write_output): an output folder changes as a whole or not at all. One process writes a folder at a time.
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import signal
+import tempfile
+import time
 from typing import NamedTuple
 
 import torch
@@ -29,9 +39,11 @@ from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, ConvNet, build_model
 from sphrun.packed import pack_models
 from sphrun.plane import grid, span_plane
-from sphrun.progress import StepProgress, message
-from sphrun.rundir import RunDir, cannot_write, check_output_folder, format_value, write_text
+from sphrun.progress import StepProgress, duration, message
+from sphrun.rundir import (CannotWrite, RunDir, append_line, cannot_write, check_output_folder, format_value,
+                           remove_files, remove_temporaries, write_text, written_together)
 from sphrun.sphere import global_norm, project_
+from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
 CONNECT_COLUMNS = ("alpha", "train_loss", "train_err", "test_loss", "test_err", "gm")
 POINT_COLUMNS = CONNECT_COLUMNS[1:]  # what point_metrics measures, in its order
@@ -121,14 +133,20 @@ def recompute_bn_statistics(model, x, batches):
     model.train(was_training)
 
 
-def point_metrics(model, params, data, loss, batch_size, permutation, bn_batches):
+def point_metrics(model, params, data, loss, batch_size, permutation, bn_batches, check=None):
     """(train loss, train error, test loss, test error, GM) at the model's weights: its BatchNorm statistics
     recomputed over the batches `bn_batches`, train metrics over the full batches of `permutation` in BN
-    train mode, test metrics in eval mode. Lists of K values for a pack of K points."""
-    recompute_bn_statistics(model, data.train_x, bn_batches)
-    train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, loss, batch_size,
-                                              permutation)
-    test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, loss)
+    train mode, test metrics in eval mode. Lists of K values for a pack of K points. `check`, when given,
+    is called before each forward pass: a stop signal gives the point up within a batch."""
+    hook = model.register_forward_pre_hook(lambda module, args: check()) if check else None
+    try:
+        recompute_bn_statistics(model, data.train_x, bn_batches)
+        train_loss, train_err, gm = train_metrics(model, params, data.train_x, data.train_y, loss, batch_size,
+                                                  permutation)
+        test_loss, test_err = eval_metrics(model, data.test_x, data.test_y, loss)
+    finally:
+        if hook:
+            hook.remove()
     return train_loss, train_err, test_loss, test_err, gm
 
 
@@ -208,15 +226,173 @@ def data_record(a, config, data, other_data, argv):
             "versions": {"sphrun": __version__, "torch": torch.__version__}, "argv": list(argv)}
 
 
-def write_output(out, table, columns, rows, record):
-    """OUT/<table> (the rows' columns) and OUT/config.json, each written whole."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise cannot_write(out, e) from e
+# --- an output folder: one writer, its points kept as they come, its files changed as a whole ----------
+class Unfinished:
+    """OUT/unfinished.jsonl: the points of an output being measured, kept as each pass ends, so that the
+    same command resumes after a stop. Its first line says what is measured (`identity`: the kind, the ends'
+    steps and weights, the options, the data), each further line is one point's row, its floats in full so
+    that the finished table equals an uninterrupted run's. Nothing reads it as an output; it goes once the
+    output is written. The caller holds OUT's lock."""
+
+    def __init__(self, out, identity):
+        self.path = os.path.join(out, UNFINISHED)
+        self.identity = identity
+        self.kept = 0
+
+    def resume(self, coordinate, names):
+        """The rows kept, after checking that they are this measurement's and that row i is at the point
+        coordinate(i) (its `names` columns); [] after starting the file when there is none."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise SphrunError(f"{self.path} is unreadable ({e}); {self.start_over}")
+        whole = text[:text.rindex("\n") + 1] if "\n" in text else ""  # a last line cut by a kill goes
+        lines = whole.splitlines()
+        if not lines:
+            write_text(self.path, json.dumps({"measuring": self.identity}) + "\n")
+            return []
+        try:
+            theirs = json.loads(lines[0])["measuring"]
+        except (ValueError, KeyError, TypeError):
+            raise SphrunError(f"{self.path} is damaged (not sphrun's points); {self.start_over}")
+        if theirs != self.identity:
+            raise SphrunError(f"{os.path.dirname(self.path)} holds the unfinished points of another measurement "
+                              f"({differences(theirs, self.identity)}): repeat its command to finish it, or "
+                              f"{self.start_over}")
+        for number, line in enumerate(lines[1:], 2):
+            try:
+                row = json.loads(line)
+                at_its_point = tuple(row[k] for k in names) == tuple(coordinate(number - 2))
+            except (ValueError, KeyError, TypeError):
+                at_its_point = False
+            if not at_its_point:
+                raise SphrunError(f"{self.path} is damaged at line {number} (not the row of point {number - 1}); "
+                                  f"{self.start_over}")
+        if len(whole) < len(text):
+            write_text(self.path, whole)
+        self.kept = len(lines) - 1
+        return [json.loads(line) for line in lines[1:]]
+
+    @property
+    def start_over(self):
+        return f"delete {self.path} to measure every point anew"
+
+    def add(self, rows):
+        append_line(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+        self.kept += len(rows)
+
+    def remove(self):
+        remove_files([self.path])
+
+    @property
+    def measured(self):
+        return "no point measured yet" if not self.kept else f"the {self.kept:,} point{'s' * (self.kept > 1)} measured"
+
+    @contextlib.contextmanager
+    def saying_what_is_kept(self, total):
+        """A stop signal (StopNow: the first gives up the pass under way, a second stops at once) becomes
+        Interrupted, and a write that fails (CannotWrite) says that OUT keeps its earlier files; both name
+        where the points measured are kept."""
+        out = os.path.dirname(self.path)
+        try:
+            yield
+        except StopNow as e:
+            at = f"at point {self.kept + 1:,} of {total:,}" if self.kept < total else "while writing the output"
+            raise Interrupted(f"interrupted{by_signal(e.signum)} {at}: {self.measured} kept in {self.path}; run "
+                              f"the same command to resume", e.signum) from e
+        except CannotWrite as e:
+            raise CannotWrite(f"{e}: {out} keeps its earlier files, and {self.measured} stay in {self.path}; free "
+                              f"some space, then run the same command to go on") from e
+
+
+UNFINISHED = "unfinished.jsonl"
+
+
+def differences(theirs, ours):
+    """How two measurements' identities differ, in words."""
+    if theirs.get("kind") != ours.get("kind"):
+        return f"a {theirs.get('kind')} there, a {ours.get('kind')} here"
+    parts = []
+    for key in dict.fromkeys([*theirs, *ours]):
+        if theirs.get(key) != ours.get(key):
+            parts.append("other ends: their steps or weights differ" if key == "ends" else
+                         f"{key} {theirs.get(key)} there, {ours.get(key)} here")
+    return ", ".join(parts)
+
+
+def ends_identity(ends):
+    """The ends of a measurement: each one's step and a digest of its checkpoint's weights."""
+    return [{"iter": end.iter, "weights": weights_digest(end.checkpoint.model)} for end in ends]
+
+
+def weights_digest(state):
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(record):
+    return (record.get("data") or {}).get("fingerprint")
+
+
+def output_lock(out):
+    """OUT's lock: one writer per output folder; a second connect there is refused in one line."""
+    return RunDir(out).lock(advice="give this connect another --out")
+
+
+def measure_all(unfinished, rows, total, per_pass, measure, label, where):
+    """All `total` points' rows: the `rows` kept, then the rest, `per_pass` at a time: measure(start, stop,
+    check) gives the rows of points start to stop - 1 (check, called before each forward pass, raises StopNow
+    once a stop signal came, giving the pass up). Each pass's rows are kept as it ends. After the first pass,
+    says how long the rest will take; each point's line says how far and how long."""
+    with StopRequest() as stop, StepProgress(total, start=len(rows), label=label) as bar:
+        first = True
+        while len(rows) < total:
+            stop.check()
+            new = measure(len(rows), min(len(rows) + per_pass, total), stop.check)
+            unfinished.add(new)
+            rows += new
+            if first and len(rows) < total:
+                bar.log(f"{len(new)} point{'s' * (len(new) > 1)} took {duration(time.monotonic() - bar.started)}: "
+                        f"{bar.time_left(len(rows))} for the other {total - len(rows):,} at that pace")
+                first = False
+            bar.update(len(rows))
+            for k, row in enumerate(new, len(rows) - len(new) + 1):
+                bar.log(f"{k:,}/{total:,}  {where(row)}  {point_text(row)}  ({bar.time_left(len(rows))})")
+    return rows
+
+
+def write_output(out, table, columns, rows, record, figure, draw):
+    """OUT/<table> (the rows' columns), OUT/config.json and OUT/<figure>, which draw(folder, path) draws from
+    the two, as one change (written_together): all three new or, when a write fails, all three as they
+    were. The figure is drawn from a scratch copy of the two, since OUT's change only with it."""
     lines = [",".join(columns)] + [",".join(format_value(r[k]) for k in columns) for r in rows]
-    write_text(os.path.join(out, table), "\n".join(lines) + "\n")
-    write_text(os.path.join(out, "config.json"), json.dumps(record, indent=2) + "\n")
+    files = {table: "\n".join(lines) + "\n", "config.json": json.dumps(record, indent=2) + "\n"}
+    with written_together():
+        for name, text in files.items():
+            write_text(os.path.join(out, name), text)
+        with tempfile.TemporaryDirectory(prefix="sphrun-connect-") as scratch:
+            for name, text in files.items():
+                try:
+                    with open(os.path.join(scratch, name), "w") as f:
+                        f.write(text)
+                except OSError as e:
+                    raise cannot_write(os.path.join(scratch, name), e) from e
+            draw(scratch, os.path.join(out, figure))
+
+
+def write_whole(out, *output):
+    """write_output once every point is measured: a first stop signal now lets it finish, the command
+    then ending as done (exit 0, as train's last step), with a note; a second stops at once."""
+    with StopRequest() as stop:
+        write_output(out, *output)
+    if stop.requested:
+        message(f"note: {signal.Signals(stop.signum).name} came as the last point ended: the output is written")
 
 
 def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=None, project=None,
@@ -224,7 +400,8 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     """Metrics along the segment from A to B; writes OUT/connect.csv, OUT/config.json and the figure.
     Returns the output directory. `project` None: rescale the points for runs on the sphere, not for runs
     trained off it. `allow_tf32`: TF32 on CUDA. `other_data`: go on on data other than A's, or with a B
-    trained on other data than A (recorded)."""
+    trained on other data than A (recorded). Points are kept as they come (Unfinished): a stopped
+    connect resumes with the same command."""
     from sphrun.lifecycle import restore
 
     if points < 2:
@@ -234,37 +411,58 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     out = out or default_out([a, b], options)
     check_output_folder(out)  # before any work: never over a run's files
 
-    run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir, other_data)
-    names = {id(p): n for n, p in model.named_parameters()}
-    theta_a = [p.detach().clone() for p in params]
-    theta_b = [b.checkpoint.model[names[id(p)]].to(p.device, p.dtype) for p in params]
-    rho_a, rho_b = global_norm(theta_a).item(), global_norm(theta_b).item()
-    permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
-    batches = full_batches(permutation, config.batch_size)
-    bn_batches_used = bn_batches or len(batches)
+    with stopping_at_once():
+        run, config, data, model, params, order, _ = restore(path_a, from_a, device, data_dir, other_data)
+        names = {id(p): n for n, p in model.named_parameters()}
+        theta_a = [p.detach().clone() for p in params]
+        theta_b = [b.checkpoint.model[names[id(p)]].to(p.device, p.dtype) for p in params]
+        rho_a, rho_b = global_norm(theta_a).item(), global_norm(theta_b).item()
+        permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
+        batches = full_batches(permutation, config.batch_size)
+        bn_batches_used = bn_batches or len(batches)
+        about_data = data_record(a, config, data, other_data, argv)
+        alpha_at = lambda i: i / (points - 1)
 
-    alphas = [i / (points - 1) for i in range(points)]
-    rows = []
-    message(f"connecting {a.run} at step {a.iter} to {b.run} at step {b.iter}: {points} points")
-    with StepProgress(points, label="connect") as bar, tf32(allow_tf32):
-        for i, alpha in enumerate(alphas):
-            move_to_(params, theta_a, theta_b, alpha, (1 - alpha) * rho_a + alpha * rho_b if project else None)
-            values = point_metrics(model, params, data, config.loss, config.batch_size, permutation,
-                                   batches[:bn_batches_used])
-            rows.append({"alpha": alpha, **dict(zip(POINT_COLUMNS, values))})
-            bar.update(i + 1)
-            bar.log(f"alpha {alpha:.3f}  " + point_text(rows[-1]))
+        def measure(start, stop, check):
+            rows = []
+            for i in range(start, stop):
+                alpha = alpha_at(i)
+                move_to_(params, theta_a, theta_b, alpha, (1 - alpha) * rho_a + alpha * rho_b if project else None)
+                values = point_metrics(model, params, data, config.loss, config.batch_size, permutation,
+                                       batches[:bn_batches_used], check)
+                rows.append({"alpha": alpha, **dict(zip(POINT_COLUMNS, values))})
+            return rows
 
-    record = {"command": "connect", "a": end_record(a, rho_a), "b": end_record(b, rho_b),
-              "points": points, "project": project, "bn_batches": bn_batches_used, "tf32": allow_tf32,
-              "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
-                          "test_err": barrier(alphas, [r["test_err"] for r in rows])},
-              **data_record(a, config, data, other_data, argv)}
-    write_output(out, "connect.csv", CONNECT_COLUMNS, rows, record)
-    write_figure(out)
+        identity = {"kind": "segment", "ends": ends_identity([a, b]), "points": points, "project": project,
+                    "bn_batches": bn_batches_used, "tf32": allow_tf32, "data": data_fingerprint(about_data)}
+        with output_lock(out):
+            remove_temporaries(out, ("connect.csv", "config.json", "connect.png", UNFINISHED))
+            unfinished = Unfinished(out, identity)
+            rows = unfinished.resume(lambda i: (alpha_at(i),), ("alpha",))
+            message(f"connecting {a.run} at step {a.iter} to {b.run} at step {b.iter}: {points:,} points"
+                    + resumed(unfinished, points))
+            with unfinished.saying_what_is_kept(points), tf32(allow_tf32):
+                rows = measure_all(unfinished, rows, points, 1, measure, "connect", lambda r: f"alpha {r['alpha']:.3f}")
+                alphas = [r["alpha"] for r in rows]
+                record = {"command": "connect", "a": end_record(a, rho_a), "b": end_record(b, rho_b),
+                          "points": points, "project": project, "bn_batches": bn_batches_used, "tf32": allow_tf32,
+                          "barrier": {"train_loss": barrier(alphas, [r["train_loss"] for r in rows]),
+                                      "test_err": barrier(alphas, [r["test_err"] for r in rows])},
+                          **about_data}
+                write_whole(out, "connect.csv", CONNECT_COLUMNS, rows, record, "connect.png", draw_segment)
+                unfinished.remove()
     message(f"{out}: barrier {record['barrier']['train_loss']:.4g} in train loss, "
             f"{record['barrier']['test_err']:.4g} in test error")
     return out
+
+
+def resumed(unfinished, total):
+    """The end of the announcement of a measurement that resumes."""
+    if not unfinished.kept:
+        return ""
+    if unfinished.kept == total:
+        return f", every one kept in {unfinished.path}: writing the output"
+    return f", resuming at point {unfinished.kept + 1:,} ({unfinished.kept:,} kept in {unfinished.path})"
 
 
 def point_text(row):
@@ -272,10 +470,10 @@ def point_text(row):
             f"test err {row['test_err']:.3f}  gm {row['gm']:.4g}")
 
 
-def write_figure(out):
+def draw_segment(folder, path):
     from sphrun.plot import connect_figure
 
-    connect_figure([out], os.path.join(out, "connect.png"))
+    connect_figure([folder], path)
 
 
 # --- the plane through three solutions (its geometry: sphrun.plane) -------------------------------------
@@ -303,15 +501,17 @@ def place(pack, weights, radii):
 
 
 def measure_plane(model, config, data, permutation, bn_batches, plane, coordinates, radii, per_pass,
-                  progress=lambda done, row: None):
+                  progress=lambda done, row: None, check=None):
     """Rows of plane.csv at the points `coordinates`, `per_pass` of them packed at once (a pack of one
-    otherwise). `radii` None: points are not rescaled. progress(points done, row) follows each point."""
+    otherwise). `radii` None: points are not rescaled. progress(points done, row) follows each point;
+    check, when given, is called before each forward pass (and may raise to give the points up)."""
     rows = []
     for start in range(0, len(coordinates), per_pass):
         chunk = coordinates[start:start + per_pass]
         pack = pack_models([model] * len(chunk), config.sphere, data.train_x.device)
         place(pack, plane.points(chunk, pack.params[0].dtype), None if radii is None else radii[start:start + per_pass])
-        values = point_metrics(pack, pack.params, data, config.loss, config.batch_size, permutation, bn_batches)
+        values = point_metrics(pack, pack.params, data, config.loss, config.batch_size, permutation, bn_batches,
+                               check)
         for k, (u, v) in enumerate(chunk):
             rows.append({"u": u, "v": v, **{c: column[k] for c, column in zip(POINT_COLUMNS, values)}})
             progress(len(rows), rows[-1])
@@ -321,7 +521,8 @@ def measure_plane(model, config, data, permutation, bn_batches, plane, coordinat
 def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, project=None, out=None, device="auto",
                   data_dir=None, argv=(), allow_tf32=False, other_data=False):
     """Metrics on a grid over the plane through A, B and C; writes OUT/plane.csv, OUT/config.json and the
-    figure, and returns OUT. The options are connect's; `points` per axis, `margin` past the triangle."""
+    figure, and returns OUT. The options are connect's; `points` per axis, `margin` past the triangle.
+    Points are kept as they come (Unfinished): a stopped plane resumes with the same command."""
     from sphrun.lifecycle import restore
 
     if points < 2:
@@ -332,46 +533,57 @@ def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, projec
     names = parameter_names(ends[0], trainable=True)
     plane = span_plane(*(flat_weights(end, names) for end in ends))
     coordinates = grid(plane, points, margin)
-    radii = [plane.radius(u, v) for u, v in coordinates] if project else None
-    if radii and min(radii) <= 0:
+    if project and min(plane.radius(u, v) for u, v in coordinates.corners()) <= 0:  # affine: least at a corner
         raise SphrunError(f"--margin {margin:g} reaches past where the interpolated radius is positive; give "
                           f"a smaller margin")
     options = [f"g{points}"] * (points != 21) + [f"m{margin:g}"] * (margin != 0.2)
     out = out or default_out(ends, options + option_parts(bn_batches, project, allow_tf32))
     check_output_folder(out, "plane.csv")  # before any work: never over a run's files
 
-    run, config, data, model, params, order, _ = restore(paths[0], whiches[0], device, data_dir, other_data)
-    plane = plane._replace(**{k: getattr(plane, k).to(params[0].device) for k in ("origin", "e_u", "e_v")})
-    permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
-    batches = full_batches(permutation, config.batch_size)
-    bn_used = bn_batches or len(batches)
-    per_pass = points_per_pass(model, config.sphere, params[0].device)
-    message(f"the plane through {', '.join(f'{e.run} at step {e.iter}' for e in ends)}: {points} x {points} "
-            f"points, {min(per_pass, len(coordinates))} per pass")
-    with StepProgress(len(coordinates), label="plane") as bar, tf32(allow_tf32):
-        def progress(done, row):
-            bar.update(done)
-            bar.log(f"u {row['u']:.4g}  v {row['v']:.4g}  " + point_text(row))
+    with stopping_at_once():
+        run, config, data, model, params, order, _ = restore(paths[0], whiches[0], device, data_dir, other_data)
+        plane = plane._replace(**{k: getattr(plane, k).to(params[0].device) for k in ("origin", "e_u", "e_v")})
+        permutation = order.permutation(0)  # the batches of train metrics (metrics.train_metrics)
+        batches = full_batches(permutation, config.batch_size)
+        bn_used = bn_batches or len(batches)
+        per_pass = points_per_pass(model, config.sphere, params[0].device)
+        about_data = data_record(ends[0], config, data, other_data, argv)
+        total = len(coordinates)
 
-        rows = measure_plane(model, config, data, permutation, batches[:bn_used], plane, coordinates, radii,
-                             per_pass, progress)
+        def measure(start, stop, check):
+            chunk = coordinates[start:stop]
+            radii = [plane.radius(u, v) for u, v in chunk] if project else None
+            return measure_plane(model, config, data, permutation, batches[:bn_used], plane, chunk, radii, per_pass,
+                                 check=check)
 
-    lengths = {"ab": plane.b, "ac": math.hypot(*plane.c)}
-    record = {"command": "connect", "kind": "plane",
-              **{key: end_record(end, rho) for key, end, rho in zip("abc", ends, plane.radii)},
-              "basis": {"b": [plane.b, 0.0], "c": list(plane.c), "lengths": lengths, "cos_a": plane.cos_a,
-                        "e_u": "(B - A) / |B - A|", "e_v": "C - A less its part along e_u, normalized"},
-              "grid": points, "margin": margin, "project": project,
-              "radius": "barycentric over the triangle of the ends' radii" if project else None,
-              "bn_batches": bn_used, "tf32": allow_tf32, **data_record(ends[0], config, data, other_data, argv)}
-    write_output(out, "plane.csv", PLANE_COLUMNS, rows, record)
-    write_plane_figure(out)
+        identity = {"kind": "plane", "ends": ends_identity(ends), "grid": points, "margin": margin,
+                    "project": project, "bn_batches": bn_used, "tf32": allow_tf32, "data": data_fingerprint(about_data)}
+        with output_lock(out):
+            remove_temporaries(out, ("plane.csv", "config.json", "plane.png", UNFINISHED))
+            unfinished = Unfinished(out, identity)
+            rows = unfinished.resume(lambda i: coordinates[i], ("u", "v"))
+            message(f"the plane through {', '.join(f'{e.run} at step {e.iter}' for e in ends)}: {points:,} x "
+                    f"{points:,} = {total:,} points, {min(per_pass, total)} per pass" + resumed(unfinished, total))
+            with unfinished.saying_what_is_kept(total), tf32(allow_tf32):
+                rows = measure_all(unfinished, rows, total, per_pass, measure, "plane",
+                                   lambda r: f"u {r['u']:.4g}  v {r['v']:.4g}")
+                lengths = {"ab": plane.b, "ac": math.hypot(*plane.c)}
+                record = {"command": "connect", "kind": "plane",
+                          **{key: end_record(end, rho) for key, end, rho in zip("abc", ends, plane.radii)},
+                          "basis": {"b": [plane.b, 0.0], "c": list(plane.c), "lengths": lengths,
+                                    "cos_a": plane.cos_a, "e_u": "(B - A) / |B - A|",
+                                    "e_v": "C - A less its part along e_u, normalized"},
+                          "grid": points, "margin": margin, "project": project,
+                          "radius": "barycentric over the triangle of the ends' radii" if project else None,
+                          "bn_batches": bn_used, "tf32": allow_tf32, **about_data}
+                write_whole(out, "plane.csv", PLANE_COLUMNS, rows, record, "plane.png", draw_plane)
+                unfinished.remove()
     message(f"{out}: the plane through A, B and C (cosine of the angle at A {plane.cos_a:.3f}), train loss "
             f"{min(r['train_loss'] for r in rows):.4g} to {max(r['train_loss'] for r in rows):.4g}")
     return out
 
 
-def write_plane_figure(out):
+def draw_plane(folder, path):
     from sphrun.plot import plane_figure
 
-    plane_figure(out, os.path.join(out, "plane.png"))
+    plane_figure(folder, path)

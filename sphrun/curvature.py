@@ -27,8 +27,9 @@ of the spectral measure of H seen from z / |z|, sum_i (q_i . z)^2 / |z|^2 delta(
 nodes are the Ritz values and its weights the squared first components of the eigenvectors of the
 tridiagonal matrix. For a Rademacher z the measure's mean is the eigenvalue density (1/n) sum_i
 delta(lambda - lambda_i), so the mean over probes of the quadratures, each node widened into a Gaussian,
-estimates it. The width is a fraction `sigma` of the spread of the Ritz values, so the curve's shape does
-not depend on the loss's scale.
+estimates it. The width is the quadrature's resolution, the median gap between neighbouring Ritz values
+(docs/science.md: a smooth bulk, sharp outliers), or a fraction `sigma` of their spread; either way the
+curve's shape does not depend on the loss's scale.
 
 On CUDA the measures run in full float32 (TF32 off) unless asked: TF32's 10-bit mantissa is noise in
 Hessian-vector products and Lanczos.
@@ -46,15 +47,23 @@ from sphrun import SphrunError, __version__, noise
 from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, train_metrics
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import CannotWrite, RunDir, format_value, remove_temporaries, write_text
+from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
 MEASURES = ("gm", "fisher-trace", "hessian-trace", "hessian-eig", "hessian-density")
-DEFAULT_MEASURES = MEASURES[:4]  # the density costs --probes times hessian-eig: asked for by name
+DEFAULT_MEASURES = MEASURES[:4]  # the density costs 50 times hessian-eig at the defaults: asked for by name
 CURVES = ("hessian-density",)  # measures whose value is a curve, kept in RUN/<measure>.csv, not curvature.csv
 SCALARS = tuple(m for m in MEASURES if m not in CURVES)
 DENSITY_COLUMNS = ("iter", "eigenvalue", "density")
-DENSITY_PAD = 5  # Gaussian widths beyond the outermost Ritz values: the mass left outside is under 1e-6
+# Gaussian widths sampled around each Ritz value: beyond, a node's Gaussian is under 2e-11 of its peak, so
+# the mass outside and the trapezoid's straight line over a gap between two stretches are under 1e-9
+DENSITY_PAD = 7
 SAMPLES_PER_WIDTH = 5  # grid points per Gaussian width: the trapezoid integral is then exact to 1e-9
-SIGMA_RANGE = (1e-3, 1.0)  # finer than 0.1 % of the spread would take over 5,000 rows per checkpoint
+# --sigma's range, a fraction of the spread: its floor (also that of the width tied to the Ritz values' gaps)
+# bounds the even grid the curve's rows are taken from to 5e5 points
+SIGMA_RANGE = (1e-5, 1.0)
+# Lanczos steps by measure: hessian-eig's are the paper's; the density's are PyHessian's default, so that
+# both compute one quadrature (docs/science.md, The Hessian's eigenvalue density).
+LANCZOS_STEPS = {"hessian-eig": 10, "hessian-density": 100}
 
 
 def flat(tensors):
@@ -191,21 +200,43 @@ class Density(NamedTuple):
     density: list
 
 
-def smoothed_density(spectra, sigma):
-    """The mean over probes of their quadratures [(Ritz values, weights)], each node a Gaussian of standard
-    deviation sigma * (the spread of all Ritz values), on a grid reaching DENSITY_PAD widths past the
-    outermost ones: a density in 1 / (eigenvalue unit) that integrates to 1."""
+def smoothed_density(spectra, sigma=None):
+    """The mean over probes of their quadratures [(Ritz values, weights)], each node a Gaussian, sampled
+    around the nodes: a density in 1 / (eigenvalue unit) that integrates to 1. Its standard deviation is
+    sigma * (the spread of all Ritz values) or, with sigma None, the quadrature's resolution (resolution)."""
     values = torch.cat([v for v, _ in spectra])
     weights = torch.cat([w for _, w in spectra]) / len(spectra)
     low, high = values.min().item(), values.max().item()
     spread = (high - low) or abs(high) or 1.0  # one node alone: widen it relative to its size
-    width = sigma * spread
-    reach = high - low + 2 * DENSITY_PAD * width
-    points = math.ceil(reach / width * SAMPLES_PER_WIDTH) + 1
-    grid = torch.linspace(low - DENSITY_PAD * width, high + DENSITY_PAD * width, points, dtype=torch.float64)
+    width = sigma * spread if sigma is not None else max(resolution(spectra), SIGMA_RANGE[0] * spread)
+    grid = density_grid(values, low, high, width)
     z = (grid[:, None] - values[None]) / width
     density = (weights * torch.exp(-z ** 2 / 2)).sum(1) / (width * math.sqrt(2 * math.pi))
     return Density(grid.tolist(), density.tolist())
+
+
+def resolution(spectra):
+    """The median gap between neighbouring Ritz values of one probe, pooled over the probes: where the
+    quadrature's nodes are (the bulk), no finer feature is resolved, and Gaussians of that width merge
+    into a smooth curve (equal ones spaced one width apart ripple by 2 exp(-2 pi^2), 5e-9), while
+    isolated converged Ritz values (outliers) stay sharp. 0 without a gap."""
+    gaps = torch.cat([v.diff() for v, _ in spectra])
+    return gaps.median().item() if len(gaps) else 0.0
+
+
+def density_grid(values, low, high, width):
+    """The even grid a fifth of `width` apart from DENSITY_PAD widths below the lowest Ritz value to as far
+    above the highest, less its points farther than DENSITY_PAD widths from every Ritz value: a narrow
+    width over a wide spread keeps few rows."""
+    points = math.ceil((high - low + 2 * DENSITY_PAD * width) / width * SAMPLES_PER_WIDTH) + 1
+    grid = torch.linspace(low - DENSITY_PAD * width, high + DENSITY_PAD * width, points, dtype=torch.float64)
+    step = (grid[-1] - grid[0]).item() / (points - 1)
+    nearest = ((values - grid[0]) / step).round().long()  # each node's grid point
+    reach = DENSITY_PAD * SAMPLES_PER_WIDTH + 1
+    kept = torch.zeros(points + 1, dtype=torch.int64)  # +1 where a node's stretch begins, -1 past its end
+    kept.index_add_(0, (nearest - reach).clamp(0, points), torch.ones_like(nearest))
+    kept.index_add_(0, (nearest + reach + 1).clamp(0, points), -torch.ones_like(nearest))
+    return grid[kept.cumsum(0)[:-1] > 0]
 
 
 def describe(value):
@@ -216,10 +247,12 @@ def describe(value):
     return f"{value:.9g}"
 
 
-def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, lanczos=10, bn_mode="train",
-            seed=0, it=0, advance=lambda: None, sigma=0.01):
+def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, lanczos=None, bn_mode="train",
+            seed=0, it=0, advance=lambda: None, sigma=None, probe_done=lambda k: None):
     """{measure: value} at the model's current weights over the full batches of `order` (full_batches);
-    hessian-density's value is a Density (`probes` Lanczos runs of `lanczos` steps, smoothed by `sigma`).
+    hessian-density's value is a Density (`probes` Lanczos runs of `lanczos` steps, smoothed by `sigma`,
+    None: at the quadrature's resolution). `lanczos` None: each measure's LANCZOS_STEPS.
+    advance() follows each batch pass, probe_done(k) the density's k-th Lanczos run.
 
     BatchNorm buffers and mode are left as found. gm is the mean mini-batch gradient norm in BN train
     mode, as in metrics.csv, whatever `bn_mode`.
@@ -242,18 +275,40 @@ def measure(model, params, x, y, loss, order, batch_size, measures, probes=5, la
         matvec = lambda v: hessian_vector_product(model, params, x, y, loss, batches, v, advance)
         like = flat([p.detach() for p in params]) if {"hessian-eig", "hessian-density"} & set(measures) else None
         if "hessian-eig" in measures:
-            values["hessian-eig"] = lanczos_top_eigenvalue(matvec, probes_for("hessian-eig")(0, like), lanczos)
+            values["hessian-eig"] = lanczos_top_eigenvalue(matvec, probes_for("hessian-eig")(0, like),
+                                                           lanczos_steps("hessian-eig", lanczos))
         if "hessian-density" in measures:
             start = probes_for("hessian-density")
-            spectra = [ritz_spectrum(matvec, start(k, like), lanczos) for k in range(probes)]
+            spectra = []
+            for k in range(probes):
+                spectra.append(ritz_spectrum(matvec, start(k, like), lanczos_steps("hessian-density", lanczos)))
+                probe_done(k + 1)
             values["hessian-density"] = smoothed_density(spectra, sigma)
+            note_spikes(spectra, sigma, it)
     return values
+
+
+def note_spikes(spectra, sigma, it):
+    """A note when a --sigma narrower than half the quadrature's resolution draws the Ritz values as
+    separate peaks, not a density."""
+    values = torch.cat([v for v, _ in spectra])
+    spread = (values.max() - values.min()).item()
+    if sigma is not None and sigma * spread < resolution(spectra) / 2:
+        message(f"note: at step {it} --sigma {sigma:g} is under half the gap between neighbouring Ritz values "
+                f"({resolution(spectra) / spread:.2g} of the spread): the curve shows them as separate peaks; "
+                f"leave --sigma out to smooth at that resolution, or give more --lanczos steps")
+
+
+def lanczos_steps(measure, lanczos):
+    """The Lanczos steps of `measure`: `lanczos`, or None for the measure's own default."""
+    return LANCZOS_STEPS[measure] if lanczos is None else lanczos
 
 
 def cost_units(measures, num_batches, probes, lanczos):
     """Batch passes that `measure` makes (the progress bar's unit)."""
-    per = {"gm": 1, "fisher-trace": probes, "hessian-trace": probes, "hessian-eig": lanczos,
-           "hessian-density": probes * lanczos}
+    per = {"gm": 1, "fisher-trace": probes, "hessian-trace": probes,
+           "hessian-eig": lanczos_steps("hessian-eig", lanczos),
+           "hessian-density": probes * lanczos_steps("hessian-density", lanczos)}
     return num_batches * sum(per[m] for m in measures)
 
 
@@ -405,6 +460,8 @@ def reconcile(rows, stored, options, measures, recompute, path_of):
     path_of(measure) names the file of its column. Returns the options of every column after this
     invocation."""
     wanted = {m: {k: options[k] for k in (*DEPENDS_ON[m], "data") if k in options} for m in measures}
+    for m in set(measures) & set(LANCZOS_STEPS):
+        wanted[m]["lanczos"] = lanczos_steps(m, options["lanczos"])  # recorded as a number, never None
     for m in measures:
         path = path_of(m)
         if any(m in values for values in rows.values()) and stored.get(m) != wanted[m]:
@@ -442,13 +499,15 @@ def resolve_targets(run, at):
     return [(which, it) for it, which in sorted(targets.items())]
 
 
-def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=10, batches=None, bn_mode="train",
-                  recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False, other_data=False,
-                  sigma=0.01):
+@stopping_at_once()  # SIGTERM or SIGUSR1 while the data loads stops at once, as in train
+def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=None, batches=None,
+                  bn_mode="train", recompute=False, seed=0, device="auto", data_dir=None, allow_tf32=False,
+                  other_data=False, sigma=None):
     """Measure a run's checkpoints and extend RUN/curvature.csv (RUN/hessian-density.csv for the density);
     returns {step: {measure: value}} measured. `allow_tf32`: TF32 convolutions and matrix products on CUDA
     (default full float32). `other_data`: measure on data other than the run's (its fingerprint then
-    becomes one of the columns' options). `sigma`: the density's smoothing, a fraction of its spread.
+    becomes one of the columns' options). `lanczos` None: each measure's own steps (LANCZOS_STEPS). `sigma`:
+    the density's smoothing, a fraction of its spread, or None: the quadrature's resolution.
 
     `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
     """
@@ -459,13 +518,16 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=1
 
     given_batches = 1 if batches is None else batches  # None: all of them
     for name, value in (("--probes", probes), ("--lanczos", lanczos), ("--batches", given_batches)):
-        if value < 1:
+        if value is not None and value < 1:
             raise SphrunError(f"{name} must be at least 1, got {value}")
+    if "hessian-density" in measures and lanczos == 1:
+        raise SphrunError("--lanczos 1 gives one Ritz value per probe, Hutchinson's mean eigenvalue: no density; "
+                          f"give at least 2 steps (the density's default is {LANCZOS_STEPS['hessian-density']})")
     if bn_mode not in ("train", "eval"):
         raise SphrunError(f"--bn-mode must be train or eval, got {bn_mode!r}")
     if seed < 0:
         raise SphrunError(f"--seed must be 0 or more, got {seed}")
-    if not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
+    if sigma is not None and not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
         raise SphrunError(f"--sigma must be between {SIGMA_RANGE[0]:g} and {SIGMA_RANGE[1]:g} (a fraction of "
                           f"the spectrum's spread), got {sigma:g}")
     run = RunDir(path)
@@ -480,7 +542,7 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=1
     store = CurvatureFile(run)
     rows, stored_options = store.read()
     options = {"probes": probes, "lanczos": lanczos, "batches": num_batches, "bn_mode": bn_mode, "seed": seed,
-               "generator": noise.GENERATOR, "tf32": allow_tf32, "sigma": sigma}
+               "generator": noise.GENERATOR, "tf32": allow_tf32, "sigma": "resolution" if sigma is None else sigma}
     restored = None
     if other_data:  # which data is measured on is an option of the columns: load it first
         restored = restore(path, targets[0][0], device, data_dir, other_data=True)
@@ -503,30 +565,44 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=1
     units = sum(cost_units(missing, num_batches, probes, lanczos) for _, _, missing in todo)
     measured = {}
     message(f"measuring {len(todo)} checkpoint(s) of {run} over {num_batches} batches of {config.batch_size}")
-    done = 0
-    with StepProgress(units, label="curvature") as bar, tf32(allow_tf32):
-        def advance():
+    done, it, m = 0, todo[0][1], todo[0][2][0]
+    with StopRequest() as stop, StepProgress(units, label="curvature") as bar, tf32(allow_tf32):
+        def advance():  # after each batch pass: a stop signal gives up the value under way
             nonlocal done
+            stop.check()
             done += 1
             if bar.due():
                 bar.update(done)
 
-        for which, it, missing in todo:
-            if which != loaded:
-                RunState.from_checkpoint(run.load_checkpoint(which), model, params, run.checkpoint_path(which))
-                loaded = which
-            for m in missing:  # one at a time, so that long work shows a line as each value comes
-                if not recompute and store.has(it, m, column_options[m]):
-                    continue  # another process measured it meanwhile
-                value = measure(model, params, data.train_x, data.train_y, config.loss, permutation,
-                                config.batch_size, [m], probes, lanczos, bn_mode, seed, it, advance, sigma)[m]
-                try:
-                    store.add(it, m, value, column_options[m], recompute)
-                except CannotWrite as e:
-                    raise CannotWrite(f"{e}: {m} at step {it} ({describe(value)}) is not saved, the values before "
-                                      f"it are; free some space, then run the same command to measure the "
-                                      f"rest") from e
-                measured.setdefault(it, {})[m] = value
-                bar.log(f"step {it:>7d}  {m} {describe(value)}")
+        def log(text):
+            left = bar.time_left(done)
+            bar.log(f"step {it:>7d}  {m} {text}" + (f"  ({left})" if left else ""))
+
+        try:
+            for which, it, missing in todo:
+                if which != loaded:
+                    RunState.from_checkpoint(run.load_checkpoint(which), model, params, run.checkpoint_path(which))
+                    loaded = which
+                for m in missing:  # one at a time, so that long work shows a line as each value comes
+                    if not recompute and store.has(it, m, column_options[m]):
+                        continue  # another process measured it meanwhile
+                    stop.check()
+                    value = measure(model, params, data.train_x, data.train_y, config.loss, permutation,
+                                    config.batch_size, [m], probes, lanczos, bn_mode, seed, it, advance, sigma,
+                                    lambda k: log(f"probe {k} of {probes} done"))[m]
+                    try:
+                        store.add(it, m, value, column_options[m], recompute)
+                    except CannotWrite as e:
+                        raise CannotWrite(f"{e}: {m} at step {it} ({describe(value)}) is not saved, the values before "
+                                          f"it are; free some space, then run the same command to measure the "
+                                          f"rest") from e
+                    measured.setdefault(it, {})[m] = value
+                    log(describe(value))
+        except StopNow as e:
+            files = [path for path in dict.fromkeys(map(store.path_of, measures)) if os.path.exists(path)]
+            kept = (f"the values measured before it are kept in {' and '.join(files)}" if files
+                    else "nothing measured yet")
+            raise Interrupted(f"interrupted{by_signal(e.signum)} at step {it} ({m}): {kept}; run the same command to "
+                              f"measure the rest", e.signum) from e
         bar.update(done)
     return measured

@@ -11,7 +11,6 @@ from collections import Counter
 import numpy as np
 
 from sphrun.phases import UNDECIDED, borders, classify, in_paper_order
-from sphrun.progress import message
 from sphrun.rundir import write_text
 from sphrun.runs import group_series, labelled_series, require_columns
 
@@ -159,7 +158,7 @@ def print_table(table):
 
 
 def report_phases(table, csv_path):
-    """Print the table and write it as CSV (what `sphrun plot --kind metrics` does after its figure)."""
+    """Print the table and write it as CSV (what `sphrun plot --kind metrics` does with its figure, which
+    says where it wrote both once both are written)."""
     print_table(table)
     write_table(table, csv_path)
-    message(f"wrote {csv_path}")

@@ -16,6 +16,7 @@ module is its geometry.
 """
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -77,13 +78,35 @@ def span_plane(theta_a, theta_b, theta_c):
     return Plane(a, e_u, rest / c_v, length_b, (c_u, c_v), radii)
 
 
+class Grid(Sequence):
+    """The points (u, v) of an even grid over the axes `us` and `vs`, v varying slowest (as plane.csv lists
+    them), each made when asked for: a --grid of 10,000 per axis is 10^8 points, too many to hold."""
+
+    def __init__(self, us, vs):
+        self.us, self.vs = us, vs
+
+    def __len__(self):
+        return len(self.us) * len(self.vs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        row, column = divmod(index % len(self), len(self.us))
+        return self.us[column], self.vs[row]
+
+    def corners(self):
+        return [(u, v) for v in (self.vs[0], self.vs[-1]) for u in (self.us[0], self.us[-1])]
+
+
 def grid(plane, points, margin):
-    """[(u, v)]: `points` even steps per axis over the triangle's bounding box widened on each side by
-    `margin` times its extent along that axis; v varies slowest, as plane.csv lists them."""
+    """The Grid of `points` even steps per axis over the triangle's bounding box widened on each side by
+    `margin` times its extent along that axis."""
     us, vs = (0.0, plane.b, plane.c[0]), (0.0, 0.0, plane.c[1])
     axes = []
     for values in (us, vs):
         low, high = min(values), max(values)
         pad = margin * (high - low)
         axes.append([low - pad + (high - low + 2 * pad) * i / (points - 1) for i in range(points)])
-    return [(u, v) for v in axes[1] for u in axes[0]]
+    return Grid(*axes)

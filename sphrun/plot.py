@@ -19,6 +19,7 @@ from sphrun import SphrunError
 from sphrun.phase_table import group_table, majority_phase, report_phases, table_path_for
 from sphrun.phases import TOO_SHORT, UNDECIDED
 from sphrun.progress import message
+from sphrun.rundir import written_together
 from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, PLANE_MARKER, RUN_MARKER, connect_train_size, dataset_key,
                          describe_dataset, elr_text, epoch_at, find_dirs, find_settings, group_series, load_runs,
                          note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,
@@ -733,9 +734,13 @@ def plot(paths, kind, out=None, x=None, y=None, aggregate=True):
     dirs = find_dirs(paths, chosen.reads)
     request = Request(x, y, aggregate, out or default_out_for(paths, dirs, kind))
     check_out(request.out)
-    if chosen.reads != RUN_MARKER:
-        return save(chosen.draw(dirs, request), request.out)
-    runs = load_runs(dirs)
-    if aggregate:
-        note_repeated_seeds(group_series(runs))
-    return save(chosen.draw(runs, request), request.out)
+    if chosen.reads == RUN_MARKER:
+        dirs = load_runs(dirs)
+        if aggregate:
+            note_repeated_seeds(group_series(dirs))
+    with written_together() as written:  # the figure and its table (metrics: -phases.csv) change together
+        figure = save(chosen.draw(dirs, request), request.out)
+    for path in written:
+        if path != figure:
+            message(f"wrote {path}")
+    return figure

@@ -19,13 +19,15 @@ def message(text):
 
 
 def duration(seconds):
-    """A time span as a person reads it: 45 s, 12 min, 3 h 05 min."""
+    """A time span as a person reads it: 45 s, 12 min, 3 h 05 min, 6 years (a --grid 10000 plane)."""
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
         return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds < 365 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds / (365.25 * 86400):,.0f} years"
 
 
 class StepProgress:

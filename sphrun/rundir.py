@@ -60,9 +60,15 @@ def cannot_write(path, error):
     return CannotWrite(f"cannot write {path}: {error.strerror or error}")
 
 
+# Within written_together: [(temporary, path)] written, whose renames wait for the block's end, and the
+# list of the paths renamed, which the block's caller reads after it.
+_waiting_renames = _written = None
+
+
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it into place. When that fails the
-    temporary is removed and `path` left as it was; an OSError (a full disk) becomes CannotWrite."""
+    """Call write(file) on a temporary file beside `path`, then rename it into place (at the end of the
+    block, within written_together). When that fails the temporary is removed and `path` left as it was;
+    an OSError (a full disk) becomes CannotWrite."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
@@ -77,6 +83,9 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if _waiting_renames is not None:
+            _waiting_renames.append((tmp, path))
+            return
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -84,6 +93,55 @@ def atomic_write(path, write):
         if isinstance(e, OSError):
             raise cannot_write(path, e) from e
         raise
+
+
+@contextlib.contextmanager
+def written_together():
+    """The files written (atomic_write) inside the block change together: each waits under its temporary
+    name, all written before any is renamed into place, so that a failure (a full disk, an error while
+    drawing, a second Ctrl-C) removes the temporaries and leaves every file as it was. Only a kill during
+    the renames, which take no space, could still split them. Yields a list that then holds the paths
+    written, in order. Nested blocks join the outer one (and yield its list)."""
+    global _waiting_renames, _written
+    if _waiting_renames is not None:
+        yield _written
+        return
+    waiting, written = _waiting_renames, _written = [], []
+    try:
+        yield written
+    except BaseException:
+        remove_files(tmp for tmp, _ in waiting)
+        raise
+    finally:
+        _waiting_renames = _written = None
+    try:
+        for tmp, path in waiting:
+            os.replace(tmp, path)
+            written.append(path)
+    except BaseException as e:
+        remove_files(tmp for tmp, _ in waiting[len(written):])
+        if isinstance(e, OSError):
+            raise cannot_write(waiting[len(written)][1], e) from e
+        raise
+
+
+def remove_files(paths):
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def append_line(path, line):
+    """Append one line (text ending in a newline) to `path`; a write that fails is cut off again, so the
+    file keeps whole lines only."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "ab") as f:
+            f.write(line.encode())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise cannot_write(path, e) from e
 
 
 def remove_temporaries(folder, targets=None):
@@ -364,9 +422,10 @@ class RunDir:
 
     # --- lock --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, name=".lock", wait=False):
+    def lock(self, name=".lock", wait=False, advice="choose another run"):
         """Hold RUN/<name> while writing, so two processes never write the same files: RUN/.lock for the
-        run, refused in one line naming its holder; `wait` for a short write's lock (curvature's)."""
+        run, refused in one line naming its holder and `advice`; `wait` for a short write's lock
+        (curvature's). A connect output folder is locked the same way."""
         try:
             import fcntl
         except ImportError:  # no advisory locks on this platform: go on unlocked
@@ -383,7 +442,7 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise SphrunError(f"{self.path} is being written by {holder}; wait for it or choose another run")
+                raise SphrunError(f"{self.path} is being written by {holder}; wait for it or {advice}")
             with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk may refuse it
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

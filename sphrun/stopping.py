@@ -55,6 +55,12 @@ class StopRequest:
         self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
         return self
 
+    def check(self):
+        """Raise StopNow once a stop was requested: for work whose finished pieces are already kept (connect's
+        points, curvature's values), which gives up the piece under way rather than wait for it."""
+        if self.requested:
+            raise StopNow(self.signum)
+
     def handle(self, signum, frame):
         now = time.monotonic()
         if not self.requested:
@@ -65,6 +71,11 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def by_signal(signum):
+    """' by SIGTERM' for a message; nothing for Ctrl-C, which the user knows they pressed."""
+    return "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
 
 
 @contextlib.contextmanager

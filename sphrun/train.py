@@ -31,7 +31,7 @@ from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
 from sphrun.sphere import global_norm
-from sphrun.stopping import Interrupted, StopNow, StopRequest, stopping_at_once
+from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
 
 # --- which runs train, and in which passes ---------------------------------------------------------
@@ -326,8 +326,8 @@ def interrupt(p, it, signum):
         where = f"checkpoint saved in {p.members[0].run}"
     else:
         where = f"checkpoints saved in the runs in {os.path.dirname(str(p.members[0].run)) or '.'}/"
-    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-    raise Interrupted(f"interrupted{by} at step {it}: {where}; run the same command to resume", signum)
+    raise Interrupted(f"interrupted{by_signal(signum)} at step {it}: {where}; run the same command to resume",
+                      signum)
 
 
 def freeze_diverged(p):

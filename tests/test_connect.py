@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ def runs(tmp_path_factory):
     return str(root / "a"), str(root / "b")
 
 
+@pytest.fixture(scope="module")
+def segment(runs, tmp_path_factory):
+    """`sphrun connect a b --points 3`'s output folder."""
+    from sphrun.connect import connect
+
+    out = str(tmp_path_factory.mktemp("segment") / "ab")
+    connect(*runs, points=3, out=out, device="cpu")
+    return out
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -35,11 +46,9 @@ def close(a, b, rel=1e-5):
     return abs(a - b) <= rel * abs(b)
 
 
-def test_ends_are_the_runs_own_metrics(runs, cli, tmp_path):
+def test_ends_are_the_runs_own_metrics(runs, segment):
     a, b = runs
-    out = str(tmp_path / "ab")
-    code, err = cli("connect", a, b, "--points", "3", "--out", out)
-    assert code == 0, err
+    out = segment
     rows = read_csv(os.path.join(out, "connect.csv"))
     assert [r["alpha"] for r in rows] == [0, 0.5, 1]
     for row, run in ((rows[0], a), (rows[-1], b)):
@@ -137,3 +146,81 @@ def test_missing_run_is_refused(runs, cli, tmp_path):
     code, err = cli("connect", runs[0], str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert code == 2 and "not a sphrun run" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "out")
+
+
+# --- a long measurement stops and resumes; its folder has one writer ------------------------------------
+# `sphrun ARGS` that sends itself the signal sys.argv[1] as point_metrics begins its sys.argv[2]-th point.
+SIGNALLED = """
+import os, sys
+import sphrun.connect as connect
+signum, when = int(sys.argv[1]), int(sys.argv[2])
+real, calls = connect.point_metrics, []
+def point_metrics(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == when:
+        os.kill(os.getpid(), signum)
+    return real(*args, **kwargs)
+connect.point_metrics = point_metrics
+from sphrun.cli import main
+sys.argv = ["sphrun", *sys.argv[3:]]
+main()
+"""
+
+
+def without_argv(path):
+    record = json.load(open(path))
+    del record["argv"]
+    return record
+
+
+def test_a_connect_stopped_by_a_signal_resumes_and_ends_with_the_uninterrupted_output(runs, segment, cli, tmp_path):
+    from test_faults import sphrun_process
+
+    a, b = runs
+    out = tmp_path / "ab"
+    args = ["connect", a, b, "--points", "3", "--out", out]
+
+    # SIGTERM as the second point begins: it is given up at its first batch, the first is kept
+    done = sphrun_process(str(int(signal.SIGTERM)), "2", *map(str, args), script=SIGNALLED)
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"interrupted by SIGTERM at point 2 of 3: the 1 point measured "
+                                                    f"kept in {out / 'unfinished.jsonl'}; run the same command to "
+                                                    f"resume")
+    assert sorted(os.listdir(out)) == [".lock", "unfinished.jsonl"]  # no table, record or figure yet
+    assert len((out / "unfinished.jsonl").read_text().splitlines()) == 2  # what is measured, then point 1
+    code, err = cli("plot", out, "--kind", "connect")  # never taken for an output
+    assert code == 2 and "no sphrun connect outputs" in err
+
+    code, err = cli("connect", a, b, "--points", "2", "--out", out)  # other options: refused, nothing touched
+    assert code == 2 and err.count("\n") == 1 and "(points 3 there, 2 here): repeat its command" in err, err
+    code, err = cli(*args)
+    assert code == 0 and "resuming at point 2 (1 kept in" in err, err
+    assert (out / "connect.csv").read_bytes() == open(os.path.join(segment, "connect.csv"), "rb").read()
+    assert without_argv(out / "config.json") == without_argv(os.path.join(segment, "config.json"))
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "connect.csv", "connect.png"]
+
+
+def test_a_second_connect_into_one_folder_is_refused_in_one_line(runs, cli, tmp_path):
+    from sphrun.rundir import RunDir
+
+    out = tmp_path / "ab"
+    with RunDir(str(out)).lock():  # another connect writes there
+        code, err = cli("connect", *runs, "--points", "2", "--out", out)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert "is being written by pid" in err and "give this connect another --out" in err
+    assert os.listdir(out) == [".lock"]
+
+
+def test_a_signal_as_the_last_point_ends_lets_the_output_be_written(runs, cli, tmp_path, monkeypatch):
+    """As train's last step: every point is measured, so a scheduler's notice then costs no requeue."""
+    import sphrun.connect as connect
+
+    real = connect.write_output
+
+    def write_output(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(connect, "write_output", write_output)
+    code, err = cli("connect", *runs, "--points", "2", "--out", tmp_path / "ab")
+    assert code == 0 and "note: SIGTERM came as the last point ended: the output is written" in err, err
+    assert sorted(os.listdir(tmp_path / "ab")) == [".lock", "config.json", "connect.csv", "connect.png"]

@@ -244,6 +244,46 @@ def test_a_full_disk_under_a_figure_leaves_no_file(made, monkeypatch, cli, tmp_p
     assert os.listdir(tmp_path) == []
 
 
+# An earlier output's files, as the test plants them: a new one must replace all of them or none.
+EARLIER_SEGMENT = {"connect.csv": b"alpha\n0\n1\n", "config.json": b'{"points": 5}\n', "connect.png": b"figure"}
+
+
+@pytest.mark.parametrize("failing", ["config.json", "connect.png"])  # the table is written first
+def test_a_full_disk_under_a_connect_output_keeps_the_earlier_one_whole_and_the_points(
+        made, monkeypatch, cli, tmp_path, failing):
+    out = tmp_path / "ab"
+    out.mkdir()
+    for name, data in EARLIER_SEGMENT.items():
+        (out / name).write_bytes(data)
+    args = ["connect", made / "runs" / "a", made / "runs" / "a", "--from-b", "8", "--points", "2", "--device", "cpu",
+            "--out", out]
+    with monkeypatch.context() as patch:
+        fill_disk(patch, failing)
+        code, err = cli(*args)
+    one_error(code, err, f"cannot write {out / failing}: No space left on device: {out} keeps its earlier files, and "
+                         f"the 2 points measured stay in {out / 'unfinished.jsonl'}", exit_code=1, alone=False)
+    assert {name: (out / name).read_bytes() for name in EARLIER_SEGMENT} == EARLIER_SEGMENT
+    assert temporaries(out) == []
+    if failing == "connect.png":  # space freed: the same command writes the output from the points kept
+        code, err = cli(*args)
+        assert code == 0 and "every one kept in" in err, err
+        assert json.load(open(out / "config.json"))["points"] == 2
+        assert len((out / "connect.csv").read_text().split()) == 3  # the header and two points
+        assert (out / "connect.png").read_bytes().startswith(b"\x89PNG") and not (out / "unfinished.jsonl").exists()
+
+
+def test_a_full_disk_under_a_figure_keeps_its_earlier_table(made, monkeypatch, cli, tmp_path):
+    earlier = {"fig.png": b"figure", "fig-phases.csv": b"series,elr\n"}  # the table is written before the figure
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+    with monkeypatch.context() as patch:
+        fill_disk(patch, "fig.png")
+        code, err = cli("plot", made / "runs", "--kind", "metrics", "--out", tmp_path / "fig.png")
+    one_error(code, err, f"cannot write {tmp_path / 'fig.png'}: No space left on device", exit_code=1, alone=False)
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier and temporaries(tmp_path) == []
+    assert "wrote" not in err
+
+
 # --- a scheduler's signals, and a second Ctrl-C ------------------------------------------------------
 # `sphrun ARGS` that sends itself `signals` while it measures its `when`-th evaluation point (1: the first,
 # at step 0, before the loop; 2: step 8).

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -32,6 +34,16 @@ def runs(tmp_path_factory):
     for name, seed in (("a", 0), ("b", 1), ("c", 2)):
         train(TrainConfig(seed=seed, elr=1e-3, iters=8, eval_every=8, **TINY), str(root / name))
     return [str(root / name) for name in "abc"]
+
+
+@pytest.fixture(scope="module")
+def plane3(runs, tmp_path_factory):
+    """`sphrun connect a b c --grid 3 --margin 0`'s output folder."""
+    from sphrun.connect import connect_plane
+
+    out = str(tmp_path_factory.mktemp("plane3") / "abc")
+    connect_plane(runs, ["last"] * 3, points=3, margin=0, out=out, device="cpu")
+    return out
 
 
 def read_csv(path):
@@ -87,11 +99,9 @@ def test_the_radius_keeps_each_end_and_moves_along_each_edge_as_on_its_segment()
     assert plane.radius(0.5, 1.5) == pytest.approx((1.0 + 4.0) / 2)  # half way from A to C
 
 
-def test_points_on_a_on_the_edge_and_at_c_measure_what_connect_measures(runs, cli, tmp_path):
+def test_points_on_a_on_the_edge_and_at_c_measure_what_connect_measures(runs, plane3, cli, tmp_path):
     a, b, c = runs
-    out = str(tmp_path / "abc")
-    code, err = cli("connect", a, b, c, "--grid", "3", "--margin", "0", "--out", out)
-    assert code == 0 and "4 per pass" in err, err  # packs of 4, 4 and 1 points, against connect's one by one
+    out = plane3  # measured in packs of 4, 4 and 1 points, against connect's one by one
     config = json.load(open(os.path.join(out, "config.json")))
     (b_u, _), (c_u, c_v) = config["basis"]["b"], config["basis"]["c"]
     assert 0 < c_u < b_u  # acute at A and B: with no margin the grid's corners are (0, 0) and (b_u, c_v)
@@ -202,3 +212,71 @@ def test_a_plane_never_goes_into_a_run(runs, cli, tmp_path):
         code, err = cli("connect", *runs, "--grid", "2", "--out", out)
         assert code == 2 and err.count("\n") == 1 and says in err, err
         assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before
+
+
+# --- a long plane stops and resumes, and says how long it takes ---------------------------------------------
+def without_argv(path):
+    record = json.load(open(path))
+    del record["argv"]
+    return record
+
+
+def signalling(monkeypatch, signum, when):
+    """Make the command send itself `signum` as measure_plane begins its `when`-th pass."""
+    import sphrun.connect as connect
+
+    real, calls = connect.measure_plane, []
+
+    def measure_plane(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(connect, "measure_plane", measure_plane)
+
+
+def test_a_plane_stopped_by_a_signal_resumes_and_ends_with_the_uninterrupted_output(runs, plane3, cli, tmp_path,
+                                                                                   monkeypatch):
+    out = tmp_path / "abc"
+    args = ["connect", *runs, "--grid", "3", "--margin", "0", "--out", out]
+    with monkeypatch.context() as patch:
+        signalling(patch, signal.SIGUSR1, 2)  # the second pack of 4 points is given up at its first batch
+        code, err = cli(*args)
+    assert code == 138 and "4 per pass" in err, err
+    assert err.strip().splitlines()[-1] == (f"interrupted by SIGUSR1 at point 5 of 9: the 4 points measured kept in "
+                                            f"{out / 'unfinished.jsonl'}; run the same command to resume")
+    assert not (out / "plane.csv").exists()
+    code, err = cli(*args)
+    assert code == 0 and "resuming at point 5 (4 kept in" in err, err
+    assert (out / "plane.csv").read_bytes() == open(os.path.join(plane3, "plane.csv"), "rb").read()
+    assert without_argv(out / "config.json") == without_argv(os.path.join(plane3, "config.json"))
+    assert not (out / "unfinished.jsonl").exists()
+
+
+def test_a_large_grid_says_how_many_points_and_how_long_from_its_first_pass(runs, cli, tmp_path, monkeypatch):
+    """The first pack of 4 points takes 8 s on a clock of the test's: 2 s a point, so 99,999,996 more take
+    199,999,992 s, 6.3 years. (Then a SIGTERM stops it.) Log lines begin with the date and time."""
+    import types
+
+    import sphrun.connect as connect
+    import sphrun.progress as progress
+
+    clock = [1000.0]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime)
+    real = connect.measure_plane
+
+    def measure_plane(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        clock[0] += 8.0
+        os.kill(os.getpid(), signal.SIGTERM)
+        return rows
+    with monkeypatch.context() as patch:
+        patch.setattr(connect, "time", fake)
+        patch.setattr(progress, "time", fake)
+        patch.setattr(connect, "measure_plane", measure_plane)
+        code, err = cli("connect", *runs, "--grid", "10000", "--out", tmp_path / "big")
+    lines = [line.split(" ", 2)[2] if line[:2] == "20" else line for line in err.splitlines()]  # less the time
+    assert code == 143 and lines[0].endswith(": 10,000 x 10,000 = 100,000,000 points, 4 per pass"), err
+    assert lines[1] == "4 points took 8 s: 6 years left for the other 99,999,996 at that pace"
+    assert lines[2].startswith("1/100,000,000  u ") and lines[2].endswith("(6 years left)")
+    assert lines[-1].startswith("interrupted by SIGTERM at point 5 of 100,000,000: the 4 points measured kept in")

@@ -89,6 +89,9 @@ def data_dir_option(whose):
         metavar="DIR", help=f"Where {whose} data set is. (default: {whose} --data-dir)")]
 
 
+ParentDataDir, EndsDataDir, RunDataDir = (data_dir_option(w) for w in ("the parent's", "A's", "the run's"))
+
+
 def parse_elr(text):
     try:
         return float(text)
@@ -394,7 +397,7 @@ def finetune(
         None, metavar="N",
         help="Evaluate every N steps from the start step. (default: log-spaced from the start step: every "
              "epoch for 10 epochs, then ~10 per decade)"),
-    data_dir: data_dir_option("the parent's") = None,
+    data_dir: ParentDataDir = None,
     device: Device = "auto",
     out: Optional[str] = typer.Option(
         None, metavar="DIR",
@@ -460,7 +463,7 @@ def plot(
              "table has one row per group. --no-aggregate draws every run alone."),
 ):
     from sphrun.plot import plot as draw
-    from sphrun.rundir import check_output_file
+    from sphrun.files import check_output_file
 
     if out is not None:
         check_output_file(out)  # before the runs are read: a folder, a read-only place
@@ -498,7 +501,7 @@ def connect(
              "the plane the ends' radii interpolated by the point's barycentric coordinates). Only GM depends "
              "on it. (default: on for runs on the sphere; runs trained off it (--no-sphere) are never "
              "rescaled)"),
-    data_dir: data_dir_option("A's") = None,
+    data_dir: EndsDataDir = None,
     device: Device = "auto",
     other_data: OtherData = False,
     out: Optional[str] = typer.Option(
@@ -598,7 +601,7 @@ def curvature(
     recompute: bool = typer.Option(False, help="Measure again steps already in curvature.csv."),
     seed: int = typer.Option(
         0, metavar="SEED", help="Seed of the probes and of the Lanczos start vector, 0 or more."),
-    data_dir: data_dir_option("the run's") = None,
+    data_dir: RunDataDir = None,
     other_data: OtherData = False,
     device: Device = "auto",
     tf32: Tf32 = False,

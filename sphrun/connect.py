@@ -35,13 +35,16 @@ import torch
 
 from sphrun import SphrunError, __version__
 from sphrun.checkpoint import Checkpoint
+from sphrun.files import (CannotWrite, append_line, cannot_write, format_value, remove_files, remove_temporaries,
+                          write_text, written_together)
+from sphrun.lifecycle import data_difference, data_identity, read_settings, restore
 from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, ConvNet, build_model
 from sphrun.packed import pack_models
 from sphrun.plane import grid, span_plane
+from sphrun.plot import connect_figure, plane_figure
 from sphrun.progress import StepProgress, duration, message
-from sphrun.rundir import (CannotWrite, RunDir, append_line, cannot_write, check_output_folder, format_value,
-                           remove_files, remove_temporaries, write_text, written_together)
+from sphrun.rundir import RunDir, check_output_folder
 from sphrun.sphere import global_norm, project_
 from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
@@ -78,8 +81,6 @@ class End(NamedTuple):
 
 
 def load_end(path, which):
-    from sphrun.lifecycle import read_settings
-
     run = RunDir(path)
     stored, config = read_settings(run)
     return End(run, stored, config, run.load_checkpoint(which))
@@ -171,8 +172,6 @@ def open_ends(paths, whiches, bn_batches, project, other_data):
     trained on one data set (unless `other_data`), and --bn-batches within A's train batches. Returns them
     and whether points are rescaled: `project` None rescales for runs on the sphere, not for runs trained
     off it (there a rescaled point computes another function)."""
-    from sphrun.lifecycle import data_difference
-
     if bn_batches is not None and bn_batches < 1:
         raise SphrunError(f"--bn-batches must be at least 1, got {bn_batches}")
     ends = [load_end(path, which) for path, which in zip(paths, whiches)]
@@ -218,8 +217,6 @@ def end_record(end, radius):
 
 def data_record(a, config, data, other_data, argv):
     """What an output's config.json says of the data measured on, the versions and the command line."""
-    from sphrun.lifecycle import data_identity
-
     return {"batch_size": config.batch_size, "data_source": data.source, "other_data": other_data,
             "data": data_identity(data) if other_data else a.stored.get("data"),
             "train_size": a.stored["train_size"],  # for the figure's title, as the runs' figures give it
@@ -402,8 +399,6 @@ def connect(path_a, path_b, from_a="last", from_b="last", points=21, bn_batches=
     trained off it. `allow_tf32`: TF32 on CUDA. `other_data`: go on on data other than A's, or with a B
     trained on other data than A (recorded). Points are kept as they come (Unfinished): a stopped
     connect resumes with the same command."""
-    from sphrun.lifecycle import restore
-
     if points < 2:
         raise SphrunError(f"--points must be at least 2 (the two ends), got {points}")
     (a, b), project = open_ends([path_a, path_b], [from_a, from_b], bn_batches, project, other_data)
@@ -471,8 +466,6 @@ def point_text(row):
 
 
 def draw_segment(folder, path):
-    from sphrun.plot import connect_figure
-
     connect_figure([folder], path)
 
 
@@ -523,8 +516,6 @@ def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, projec
     """Metrics on a grid over the plane through A, B and C; writes OUT/plane.csv, OUT/config.json and the
     figure, and returns OUT. The options are connect's; `points` per axis, `margin` past the triangle.
     Points are kept as they come (Unfinished): a stopped plane resumes with the same command."""
-    from sphrun.lifecycle import restore
-
     if points < 2:
         raise SphrunError(f"--grid must be at least 2 (points per axis), got {points}")
     if not (math.isfinite(margin) and margin >= 0):
@@ -584,6 +575,4 @@ def connect_plane(paths, whiches, points=21, margin=0.2, bn_batches=None, projec
 
 
 def draw_plane(folder, path):
-    from sphrun.plot import plane_figure
-
     plane_figure(folder, path)

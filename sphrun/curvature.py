@@ -44,9 +44,11 @@ from typing import NamedTuple
 import torch
 
 from sphrun import SphrunError, __version__, noise
+from sphrun.files import CannotWrite, format_value, remove_temporaries, write_text
+from sphrun.lifecycle import RunState, data_difference, data_identity, read_settings, restore
 from sphrun.metrics import batch_loss, full_batches, preserved_bn_state, tf32, train_metrics
 from sphrun.progress import StepProgress, message
-from sphrun.rundir import CannotWrite, RunDir, format_value, remove_temporaries, write_text
+from sphrun.rundir import RunDir
 from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 
 MEASURES = ("gm", "fisher-trace", "hessian-trace", "hessian-eig", "hessian-density")
@@ -511,8 +513,6 @@ def run_curvature(path, at="all", measures=DEFAULT_MEASURES, probes=5, lanczos=N
 
     `at` and `measures` take the command line's text ('all', 'last,100'; 'gm,hessian-eig') or parsed values.
     """
-    from sphrun.lifecycle import RunState, data_difference, data_identity, read_settings, restore
-
     at = parse_at(at) if isinstance(at, str) else at
     measures = parse_measures(measures) if isinstance(measures, str) else tuple(measures)
 

@@ -11,8 +11,8 @@ import dataclasses
 import os
 
 from sphrun import SphrunError
-from sphrun.rundir import RunDir
 from sphrun.lifecycle import Start, read_settings
+from sphrun.rundir import RunDir
 from sphrun.train import train
 
 
@@ -66,7 +66,7 @@ def finetune(parent_path, elr, start="last", iters=None, epochs=None, transition
         parent_config, elr=elr, transition=transition, step=step, geodesic=geodesic, iters=iters,
         epochs=epochs, eval_every=eval_every, keep=None, device=device,
         data_dir=data_dir or parent_config.data_dir)
-    with parent.lock():  # a consistent snapshot: nobody writes the parent while we read it
+    with parent.lock(shared=True):  # a consistent snapshot: nobody writes the parent while we read it
         checkpoint = parent.load_checkpoint(which)
         rows = parent.read_metrics()
     origin, parent_elr = int(checkpoint.iter), float(checkpoint.elr)

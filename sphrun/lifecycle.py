@@ -19,9 +19,10 @@ from sphrun import SphrunError, __version__, noise
 from sphrun.checkpoint import Checkpoint
 from sphrun.config import TrainConfig, evaluation_steps
 from sphrun.data import BatchOrder, load_data
+from sphrun.files import outermost_missing
 from sphrun.models import build_model, trainable_scale_invariant
 from sphrun.progress import message
-from sphrun.rundir import RunDir, Status, check_run_location, outermost_missing
+from sphrun.rundir import RunDir, Status, check_run_location
 from sphrun.sphere import global_norm
 
 

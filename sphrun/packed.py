@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sphrun import SphrunError
+from sphrun import SphrunError, noise
 from sphrun.metrics import batch_loss
 from sphrun.models import ConvNet, scale_invariant_parameters
 from sphrun.progress import message
-from sphrun import noise
 from sphrun.sphere import (BATCHED, EACH, global_norm, learning_rate, random_keys, random_noise, sgd_step,
                            step_direction, step_on_sphere)
 

@@ -10,8 +10,8 @@ from collections import Counter
 
 import numpy as np
 
+from sphrun.files import write_text
 from sphrun.phases import UNDECIDED, borders, classify, in_paper_order
-from sphrun.rundir import write_text
 from sphrun.runs import group_series, labelled_series, require_columns
 
 

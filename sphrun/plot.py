@@ -16,10 +16,10 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.tri import CubicTriInterpolator, Triangulation
 
 from sphrun import SphrunError
+from sphrun.files import written_together
 from sphrun.phase_table import group_table, majority_phase, report_phases, table_path_for
 from sphrun.phases import TOO_SHORT, UNDECIDED
 from sphrun.progress import message
-from sphrun.rundir import written_together
 from sphrun.runs import (CONNECT_MARKER, LOSS_NAMES, PLANE_MARKER, RUN_MARKER, connect_train_size, dataset_key,
                          describe_dataset, elr_text, epoch_at, find_dirs, find_settings, group_series, load_runs,
                          note_repeated_seeds, parent_rows, read_connect, read_connect_config, read_curvature,

@@ -1,16 +1,16 @@
-"""The run directory (DESIGN.md contract): its one writer and its one reader.
+"""The run directory (DESIGN.md contract): the one writer and reader of a run's history, and where runs
+and outputs may go.
 
     RUN/config.json                  settings, data source, versions, command line, parent, status
-    RUN/metrics.csv                  one row per evaluation point, flushed as written
-    RUN/checkpoints/iter-NNNNNNN.pt  state at an evaluation point, enough to resume exactly
+    RUN/metrics.csv                  one row per evaluation point, flushed as written, steps increasing
+    RUN/checkpoints/iter-NNNNNNN.pt  state at an evaluation point, enough to resume exactly (Checkpoint)
     RUN/checkpoints/last.pt          the newest state
-    RUN/curvature.csv                written by `sphrun curvature`
+    RUN/.lock                        held by the one process that writes the run
 
-Every file but metrics.csv is written whole to a temporary name (.tmp-<name>-XXXXXXXX) and renamed, so a
-crash never leaves half a file; metrics.csv rows past the checkpoint a run resumes from are dropped on
-resume. A write that fails (a full disk, a quota) leaves the old file as it was and raises CannotWrite,
-one line naming the file. Every file gets the permissions of the user's umask, so a group can share
-runs on a cluster.
+The measures `sphrun curvature` adds beside them (curvature.csv, curvature.json, hessian-density.csv) are
+written by curvature.CurvatureFile under their own short lock: another command, its own format. Files are
+written as sphrun.files writes them: whole, with the user's umask; metrics.csv rows past the checkpoint a
+run resumes from are dropped on resume.
 """
 
 import contextlib
@@ -20,13 +20,13 @@ import io
 import json
 import os
 import re
-import socket
-import tempfile
 
 import torch
 
 from sphrun import SphrunError
 from sphrun.checkpoint import Checkpoint
+from sphrun.files import (atomic_write, cannot_write, check_writable, format_value, held_lock, remove_temporaries,
+                          write_text)
 
 METRICS_COLUMNS = ("iter", "epoch", "elr", "train_loss", "train_err", "test_loss", "test_err", "gm",
                    "si_norm", "cos_prev", "cos_init", "proj_err", "wall_s")
@@ -45,129 +45,7 @@ class Status(str, enum.Enum):
 
 STATUSES = tuple(s.value for s in Status)
 CHECKPOINT_NAME = re.compile(r"iter-(\d{7,})\.pt$")
-# A temporary of atomic_write: .tmp-<the file it becomes>-<8 random characters>; older versions wrote
-# .tmp-<8 random characters>, hence the optional target.
 OUTPUT_TABLES = ("connect.csv", "plane.csv")  # beside config.json, they mark connect's outputs, not runs
-TEMPORARY_NAME = re.compile(r"\.tmp-(?:(.+)-)?[a-z0-9_]{8}$")
-
-
-class CannotWrite(SphrunError):
-    """A write failed while a command worked (a full disk, a quota): a failure at run time, exit 1."""
-    exit_code = 1
-
-
-def cannot_write(path, error):
-    return CannotWrite(f"cannot write {path}: {error.strerror or error}")
-
-
-# Within written_together: [(temporary, path)] written, whose renames wait for the block's end, and the
-# list of the paths renamed, which the block's caller reads after it.
-_waiting_renames = _written = None
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it into place (at the end of the
-    block, within written_together). When that fails the temporary is removed and `path` left as it was;
-    an OSError (a full disk) becomes CannotWrite."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
-    except OSError as e:
-        raise cannot_write(path, e) from e
-    try:
-        try:
-            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 600; other files follow the umask
-        finally:
-            os.close(fd)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if _waiting_renames is not None:
-            _waiting_renames.append((tmp, path))
-            return
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise cannot_write(path, e) from e
-        raise
-
-
-@contextlib.contextmanager
-def written_together():
-    """The files written (atomic_write) inside the block change together: each waits under its temporary
-    name, all written before any is renamed into place, so that a failure (a full disk, an error while
-    drawing, a second Ctrl-C) removes the temporaries and leaves every file as it was. Only a kill during
-    the renames, which take no space, could still split them. Yields a list that then holds the paths
-    written, in order. Nested blocks join the outer one (and yield its list)."""
-    global _waiting_renames, _written
-    if _waiting_renames is not None:
-        yield _written
-        return
-    waiting, written = _waiting_renames, _written = [], []
-    try:
-        yield written
-    except BaseException:
-        remove_files(tmp for tmp, _ in waiting)
-        raise
-    finally:
-        _waiting_renames = _written = None
-    try:
-        for tmp, path in waiting:
-            os.replace(tmp, path)
-            written.append(path)
-    except BaseException as e:
-        remove_files(tmp for tmp, _ in waiting[len(written):])
-        if isinstance(e, OSError):
-            raise cannot_write(waiting[len(written)][1], e) from e
-        raise
-
-
-def remove_files(paths):
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def append_line(path, line):
-    """Append one line (text ending in a newline) to `path`; a write that fails is cut off again, so the
-    file keeps whole lines only."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    try:
-        with open(path, "ab") as f:
-            f.write(line.encode())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.truncate(path, size)
-        raise cannot_write(path, e) from e
-
-
-def remove_temporaries(folder, targets=None):
-    """Delete the temporaries that killed writers left in `folder`: those of the files named in `targets`
-    (and of older versions, which did not name them), or all with None. The caller holds the lock of
-    every writer of those files, so none of them is alive."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return
-    for name in names:
-        match = TEMPORARY_NAME.match(name)
-        if match and (targets is None or match.group(1) in (None, *targets)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, name))
-
-
-def current_umask():
-    """The process's umask (reading it means setting it: put it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class RunDir:
@@ -421,47 +299,14 @@ class RunDir:
                     folder = os.path.dirname(folder)
 
     # --- lock --------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, name=".lock", wait=False, advice="choose another run"):
-        """Hold RUN/<name> while writing, so two processes never write the same files: RUN/.lock for the
-        run, refused in one line naming its holder and `advice`; `wait` for a short write's lock
-        (curvature's). A connect output folder is locked the same way."""
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform: go on unlocked
-            yield
-            return
-        path = os.path.join(self.path, name)
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise cannot_write(path, e) from e
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise SphrunError(f"{self.path} is being written by {holder}; wait for it or {advice}")
-            with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk may refuse it
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-            try:
-                yield
-            finally:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-
-def outermost_missing(path):
-    """The outermost folder of `path` (itself included) that does not exist yet, or None when it exists."""
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
+    def lock(self, name=".lock", wait=False, advice="choose another run", shared=False):
+        """Hold RUN/<name> (made, with the run's folder, when missing) while writing, so two processes
+        never write the same files: RUN/.lock for the run, refused in one line naming its holder and
+        `advice`; `wait` for a short write's lock (curvature's); `shared` for a reader that needs the files
+        to hold still (a fine-tune reading its parent), which other readers share. A connect output folder
+        is locked the same way."""
+        return held_lock(os.path.join(self.path, name), wait=wait, shared=shared,
+                         refusal=lambda holder: f"{self.path} is being written by {holder}; wait for it or {advice}")
 
 
 def is_run_dir(path):
@@ -503,42 +348,3 @@ def check_output_folder(path, table="connect.csv"):
         what = f"another connect output's config.json ({other[0]} beside it)" if other else "a run's config.json"
         raise SphrunError(f"{path} holds {what}: give --out a folder of its own for the connect "
                           f"output, such as {os.path.join(os.path.dirname(os.path.abspath(path)), 'NAME')}")
-
-
-def check_output_file(path):
-    """Refuse a file a command is to write (a figure) that cannot be: a folder in its place, a folder
-    that does not exist or cannot be written."""
-    if os.path.isdir(path):
-        raise SphrunError(f"{path} is a folder: give a file name, such as {os.path.join(path, 'figure.png')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-        raise SphrunError(f"cannot write {path}: {folder} {what}")
-    check_writable(path)
-
-
-def check_writable(path):
-    """Refuse, before any work, a path in a folder that cannot be written (read-only, /proc): its nearest
-    existing folder is tried with a temporary file, since permission bits say nothing to root or of a
-    read-only mount."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        if existing != os.path.abspath(path):
-            raise SphrunError(f"cannot make {path}: {existing} is a file, not a folder")
-        existing = os.path.dirname(existing)  # a file to replace, such as a figure
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(probe)
-    except OSError as e:
-        raise SphrunError(f"cannot write {path}: {existing} cannot be written ({e.strerror}); "
-                          f"give --out a folder you can write") from e
-
-
-def format_value(value):
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.9g}"

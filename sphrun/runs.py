@@ -11,6 +11,7 @@ import numpy as np
 
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
+from sphrun.curvature import SCALARS, CurvatureFile
 from sphrun.progress import message
 from sphrun.rundir import OUTPUT_TABLES, RunDir
 
@@ -142,8 +143,6 @@ def require_columns(run, columns, source="metrics.csv"):
 def read_curvature(run, required=True):
     """RUN/curvature.csv as rows by step, each with the scalar measures taken there (columns like
     hessian-eig); None when there is none and none is required."""
-    from sphrun.curvature import SCALARS, CurvatureFile
-
     rows, _ = CurvatureFile(run).read()
     measured = {it: {m: v for m, v in values.items() if m in SCALARS} for it, values in rows.items()}
     measured = {it: values for it, values in measured.items() if values}
@@ -156,8 +155,6 @@ def read_curvature(run, required=True):
 
 def read_density(run):
     """RUN/hessian-density.csv as {step: Density}; empty when there is none."""
-    from sphrun.curvature import CurvatureFile
-
     return CurvatureFile(run).read_densities()
 
 

@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import Formatter, Locator, LogLocator, MaxNLocator, NullFormatter
 
 from sphrun import SphrunError
-from sphrun.rundir import atomic_write, check_output_file
+from sphrun.files import atomic_write, check_output_file
 
 FORMATS = (".png", ".svg", ".pdf")
 COLUMN_WIDTH = 3.4  # inches

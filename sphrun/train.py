@@ -24,12 +24,13 @@ import torch
 from sphrun import SphrunError
 from sphrun.config import evaluation_steps
 from sphrun.data import BatchOrder, Data
+from sphrun.files import CannotWrite
 from sphrun.fitting import halving_on_oom, pass_size
 from sphrun.lifecycle import default_run_path, open_runs, prepare, remove_unstarted
-from sphrun.rundir import CannotWrite, Status
 from sphrun.metrics import cosine, eval_metrics, train_metrics
 from sphrun.packed import Step, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
+from sphrun.rundir import Status
 from sphrun.sphere import global_norm
 from sphrun.stopping import Interrupted, StopNow, StopRequest, by_signal, stopping_at_once
 

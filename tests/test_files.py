@@ -10,7 +10,8 @@ import torch
 from conftest import TINY
 from sphrun import SphrunError
 from sphrun.config import TrainConfig
-from sphrun.rundir import RunDir, atomic_write, check_run_location
+from sphrun.files import atomic_write
+from sphrun.rundir import RunDir, check_run_location
 from sphrun.train import train
 
 TINY_ARGS = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "32",

@@ -9,6 +9,8 @@ import sys
 
 from conftest import REPO, TINY
 from sphrun.config import TrainConfig
+from sphrun.rundir import RunDir
+from test_faults import made  # noqa: F401 (a fixture: a finished run of 24 steps)
 
 ARGS = ["train", "--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "32",
         "--device", "cpu", "--iters", "16", "--eval-every", "4"]
@@ -66,3 +68,17 @@ def test_launches_released_together_never_both_train_a_run(tmp_path):
             if (run / "metrics.csv").exists():
                 assert raw_steps(run) == [0, 4, 8, 12, 16], (round_, run, outcome)
                 assert json.loads((run / "config.json").read_text())["status"] == "done"
+
+
+def test_fine_tunes_of_one_parent_read_it_together_but_not_while_it_is_written(made, cli, tmp_path):
+    """A fine-tune holds its parent's lock shared while it reads it: another fine-tune reading it at that
+    moment (the paper's stages start several from one parent) goes on; a process writing the parent
+    (its own training) makes it wait for that one."""
+    parent = made / "runs" / "a"
+    args = ["finetune", parent, "--elr", "2e-3", "--iters", "8", "--device", "cpu"]
+    with RunDir(parent).lock(shared=True):  # another fine-tune, reading the parent
+        code, err = cli(*args, "--out", tmp_path / "ft1")
+    assert code == 0, err
+    with RunDir(parent).lock():  # the parent being trained
+        code, err = cli(*args, "--out", tmp_path / "ft2")
+    assert code == 2 and "is being written by pid" in err and not (tmp_path / "ft2").exists(), err

@@ -4,10 +4,13 @@ edited into config.json is caught by the checkpoints, and run directories of ear
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO
 from test_faults import TINY_ARGS, made, one_error, snapshot  # noqa: F401 (made: a fixture)
 
 
@@ -91,5 +94,29 @@ def test_a_run_written_before_checkpoints_carried_settings_still_opens(copies, t
             assert stored.pop("settings")["elr"] == 1e-3
             torch.save(stored, path)
     for command, args in every_reader(run, other, tmp_path).items():
+        code, err = cli(*args)
+        assert code == 0, (command, err)
+
+
+SPHRUN_0_1 = "ed99bcc"  # the last commit of sphrun 0.1, before checkpoints carried their settings
+
+
+def test_runs_made_by_sphrun_0_1_still_resume_plot_connect_and_measure(tmp_path, cli):
+    """Two runs trained by sphrun 0.1 itself (its code taken from this repository's history): today's
+    sphrun extends, fine-tunes, connects, measures and plots them."""
+    old = tmp_path / "sphrun-0.1"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", REPO, "archive", SPHRUN_0_1, "sphrun"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"sphrun 0.1 ({SPHRUN_0_1}) is not in this clone's history (a shallow clone?)")
+    subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(old)}
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for run, seed in zip(runs, ("0", "1")):
+        made = subprocess.run([sys.executable, "-m", "sphrun", "train", *TINY_ARGS, "--seed", seed, "--iters", "16",
+                               "--out", run], env=env, capture_output=True, text=True, cwd=old)
+        assert made.returncode == 0, made.stderr
+    assert "settings" not in torch.load(os.path.join(runs[0], "checkpoints", "last.pt"), weights_only=True)
+    for command, args in every_reader(*runs, tmp_path).items():
         code, err = cli(*args)
         assert code == 0, (command, err)

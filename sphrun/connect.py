@@ -35,8 +35,8 @@ import torch
 
 from sphrun import SphrunError, __version__
 from sphrun.checkpoint import Checkpoint
-from sphrun.files import (CannotWrite, append_line, cannot_write, format_value, remove_files, remove_temporaries,
-                          write_text, written_together)
+from sphrun.files import (CannotWrite, append_line, cannot_write, format_value, held_lock, remove_files,
+                          remove_temporaries, write_text, written_together)
 from sphrun.lifecycle import data_difference, data_identity, read_settings, restore
 from sphrun.metrics import eval_metrics, full_batches, tf32, train_metrics
 from sphrun.models import NORMALIZATIONS, ConvNet, build_model
@@ -339,7 +339,8 @@ def data_fingerprint(record):
 
 def output_lock(out):
     """OUT's lock: one writer per output folder; a second connect there is refused in one line."""
-    return RunDir(out).lock(advice="give this connect another --out")
+    return held_lock(os.path.join(out, ".lock"), refusal=lambda holder: f"{out} is being written by {holder}; wait "
+                     f"for it or give this connect another --out")
 
 
 def measure_all(unfinished, rows, total, per_pass, measure, label, where):

@@ -55,7 +55,7 @@ from sphrun.cli import main as sphrun_main  # noqa: E402
 from sphrun.config import TrainConfig  # noqa: E402
 from sphrun.lifecycle import use_device  # noqa: E402
 from sphrun.metrics import tf32  # noqa: E402
-from sphrun.packed import PackedConvNet, Step  # noqa: E402
+from sphrun.packed import PackedConvNet, TrainingStep  # noqa: E402
 from sphrun.rundir import RunDir  # noqa: E402
 
 SMALL = ["--dataset", "synthetic", "--subset", "1024", "--width", "8", "--batch-size", "64"]
@@ -138,12 +138,12 @@ def sphrun(*args):
 @contextlib.contextmanager
 def graphs_off():
     """Train without CUDA graphs: the eager reference."""
-    capture = Step.capture
-    Step.capture = lambda self: setattr(self, "eager_only", True)
+    capture = TrainingStep.capture
+    TrainingStep.capture = lambda self: setattr(self, "eager_only", True)
     try:
         yield
     finally:
-        Step.capture = capture
+        TrainingStep.capture = capture
 
 
 @contextlib.contextmanager
@@ -162,7 +162,7 @@ def diverging(member, from_step):
     """Make model `member` of every pack non-finite from step `from_step` on, on purpose: the step reads
     its counter on the device, so the model diverges inside the replayed graph."""
     steps = []
-    init, forward = Step.__init__, PackedConvNet.forward
+    init, forward = TrainingStep.__init__, PackedConvNet.forward
 
     def tracked_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -175,11 +175,11 @@ def diverging(member, from_step):
             logits = torch.cat([logits[:, :member], logits[:, member:member + 1] + nan, logits[:, member + 1:]], 1)
         return logits
 
-    Step.__init__, PackedConvNet.forward = tracked_init, poisoned
+    TrainingStep.__init__, PackedConvNet.forward = tracked_init, poisoned
     try:
         yield
     finally:
-        Step.__init__, PackedConvNet.forward = init, forward
+        TrainingStep.__init__, PackedConvNet.forward = init, forward
 
 
 class Check:

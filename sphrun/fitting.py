@@ -16,7 +16,7 @@ import torch
 
 from sphrun.lifecycle import prepare
 from sphrun.metrics import EVALUATION_BATCH, eval_metrics
-from sphrun.packed import Step, free_unused_memory, mixed_precision, pack_models
+from sphrun.packed import TrainingStep, free_unused_memory, mixed_precision, pack_models
 from sphrun.progress import message
 from sphrun.sphere import global_norm
 
@@ -48,7 +48,8 @@ def footprint(config, data, device):
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     _, model, params, order = prepare(config, device, data)
-    step = Step(pack_models([model], config.sphere, device), data, [config], [global_norm(params).item()], device)
+    step = TrainingStep(pack_models([model], config.sphere, device), data, [config], [global_norm(params).item()],
+                        device)
     step.idx.copy_(order.indices(0))
     step.eager()
     stepping = torch.cuda.max_memory_allocated(device) - base

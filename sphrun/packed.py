@@ -11,7 +11,7 @@ grouped convolution (groups=K) computes a layer of all models and each BatchNorm
 channels, so every model keeps its own batch statistics exactly; on the CPU each model runs through its
 slices with the very calls of its single run (the class says why).
 
-The step (Step) reads its inputs from and writes its outputs to fixed device tensors, so that on CUDA
+The step (TrainingStep) reads its inputs from and writes its outputs to fixed device tensors, so that on CUDA
 it is captured once in a CUDA graph and replayed, with cudnn.benchmark and channels_last tensors. The
 first replay is checked against the same step taken eagerly; when capture fails (its graph and memory
 then released), or the check does, one line says why and training goes on eagerly. A model whose step
@@ -227,7 +227,7 @@ def mixed_precision(precision, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-class Step:
+class TrainingStep:
     """One training step of every model of a pack, reading its inputs from and writing its outputs to
     fixed device tensors, so that it can be replayed from a CUDA graph.
 

@@ -28,7 +28,7 @@ from sphrun.files import CannotWrite
 from sphrun.fitting import halving_on_oom, pass_size
 from sphrun.lifecycle import default_run_path, open_runs, prepare, remove_unstarted
 from sphrun.metrics import cosine, eval_metrics, train_metrics
-from sphrun.packed import Step, member_params, mixed_precision, pack_models
+from sphrun.packed import TrainingStep, member_params, mixed_precision, pack_models
 from sphrun.progress import StepProgress, message
 from sphrun.rundir import Status
 from sphrun.sphere import global_norm
@@ -162,7 +162,7 @@ class Pass:
     iter checkpoints are kept (--keep)."""
     members: list
     pack: torch.nn.Module
-    step: Step
+    step: TrainingStep
     data: Data
     order: BatchOrder
     total: int
@@ -197,7 +197,8 @@ def pack_members(members, data, device):
     momentum = None
     if not config.sphere and all(m.state.momentum is not None for m in members):
         momentum = [torch.stack(buffers) for buffers in zip(*(m.state.momentum for m in members))]
-    return pack, Step(pack, data, [m.config for m in members], [m.state.rho0 for m in members], device, momentum)
+    rho0s = [m.state.rho0 for m in members]
+    return pack, TrainingStep(pack, data, [m.config for m in members], rho0s, device, momentum)
 
 
 def train_pass(p, data_id, argv):

@@ -32,14 +32,14 @@ def test_a_gpu_past_the_count_is_one_line_and_writes_nothing(tmp_path, cli, monk
 
 
 def test_a_failed_capture_says_why_and_trains_on(monkeypatch, capsys):
-    from sphrun.packed import Step
+    from sphrun.packed import TrainingStep
 
     class NoGraphs:
         def __init__(self):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", NoGraphs)
-    step = Step.__new__(Step)
+    step = TrainingStep.__new__(TrainingStep)
     step.graph, step.eager_only = None, False
     step.capture()
     assert step.eager_only and step.graph is None
@@ -54,12 +54,12 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, monkeypatch):
     graphed = train_sweep([TrainConfig(**{**cuda, "elr": e}) for e in (1e-3, 1e-2)], str(tmp_path / "graph"))
     single, _ = train(TrainConfig(**{**cuda, "elr": 1e-3}), tmp_path / "single")
     captured = []
-    from sphrun.packed import Step
-    real_capture = Step.capture
-    monkeypatch.setattr(Step, "capture", lambda self: (real_capture(self), captured.append(self.graph)))
+    from sphrun.packed import TrainingStep
+    real_capture = TrainingStep.capture
+    monkeypatch.setattr(TrainingStep, "capture", lambda self: (real_capture(self), captured.append(self.graph)))
     train_sweep([TrainConfig(**{**cuda, "elr": e, "iters": 12}) for e in (1e-3, 1e-2)], str(tmp_path / "graph"))
     assert captured and all(g is not None for g in captured)
-    monkeypatch.setattr(Step, "capture", lambda self: setattr(self, "eager_only", True))
+    monkeypatch.setattr(TrainingStep, "capture", lambda self: setattr(self, "eager_only", True))
     eager = train_sweep([TrainConfig(**{**cuda, "elr": e}) for e in (1e-3, 1e-2)], str(tmp_path / "eager"))
     for (a, _), (b, _) in zip(graphed, eager):
         rows_a, rows_b = RunDir(a).read_metrics()[:3], RunDir(b).read_metrics()

@@ -13,7 +13,7 @@ import torch
 
 import sphrun.train as training
 from sphrun.config import TrainConfig
-from sphrun.packed import PackedConvNet, Step
+from sphrun.packed import PackedConvNet, TrainingStep
 from sphrun.rundir import RunDir
 from sphrun.train import Interrupted, StopRequest, train, train_sweep
 from sphrun.finetune import finetune
@@ -46,7 +46,7 @@ def train_all(configs, folder, pack=None):
 
 def eagerly(monkeypatch):
     """From now on, CUDA steps are never captured (the eager reference)."""
-    monkeypatch.setattr(Step, "capture", lambda self: setattr(self, "eager_only", True))
+    monkeypatch.setattr(TrainingStep, "capture", lambda self: setattr(self, "eager_only", True))
 
 
 def history(run):
@@ -98,9 +98,9 @@ def stop_after(monkeypatch, steps):
 
 def test_every_command_takes_the_cuda_path(cuda, cli, tmp_path, monkeypatch):
     grouped, benchmark, tf32_while_measuring = [], [], []
-    real_grouped, real_take = PackedConvNet.forward_grouped, Step.take
+    real_grouped, real_take = PackedConvNet.forward_grouped, TrainingStep.take
     monkeypatch.setattr(PackedConvNet, "forward_grouped", lambda self, x: (grouped.append(1), real_grouped(self, x))[1])
-    monkeypatch.setattr(Step, "take", lambda self, it, batch: (benchmark.append(torch.backends.cudnn.benchmark),
+    monkeypatch.setattr(TrainingStep, "take", lambda self, it, batch: (benchmark.append(torch.backends.cudnn.benchmark),
                                                                real_take(self, it, batch))[1])
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # restored by the fixture
     import sphrun.curvature
@@ -270,7 +270,7 @@ def rebinding_rate(self, it, batch):
 def test_rebinding_an_input_instead_of_copying_into_it_is_caught(cuda, tmp_path, monkeypatch, bug):
     """Eagerly either way is right; a graph reads the tensors it was captured with, so it trains on a
     stale batch or rate: the capture model shows it (the rate changes along a transition)."""
-    monkeypatch.setattr(Step, "take", bug)
+    monkeypatch.setattr(TrainingStep, "take", bug)
     assert not same_history(*fine_tuned_along_a_transition(tmp_path, monkeypatch))
 
 
@@ -297,13 +297,13 @@ def flat(values):
 @pytest.fixture
 def steps_made(monkeypatch):
     STEPS.clear()
-    real_init = Step.__init__
+    real_init = TrainingStep.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         STEPS.append(self)
 
-    monkeypatch.setattr(Step, "__init__", init)
+    monkeypatch.setattr(TrainingStep, "__init__", init)
 
 
 def test_a_wrong_graph_is_caught_by_its_first_replay_and_training_goes_on_eagerly(cuda, tmp_path, monkeypatch,
@@ -314,7 +314,7 @@ def test_a_wrong_graph_is_caught_by_its_first_replay_and_training_goes_on_eagerl
     assert "note: the CUDA graph's first step differs from the same step taken eagerly (weight 0)" in err
     assert "training without the graph" in err and all(g.replays == 1 for g in cuda.graphs)
     with monkeypatch.context() as m:  # without the check, the wrong graph trains on silently
-        m.setattr(Step, "capture_and_check", lambda self: (self.capture(), self.graph.replay()))
+        m.setattr(TrainingStep, "capture_and_check", lambda self: (self.capture(), self.graph.replay()))
         unchecked = train_all(configs((1e-3, 1e-2)), str(tmp_path / "unchecked"))
     eagerly(monkeypatch)
     eager = train_all(configs((1e-3, 1e-2)), str(tmp_path / "eager"))

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from sphrun import connect
-from sphrun.packed import Step
+from sphrun.packed import TrainingStep
 from test_emulated_gpu import rebinding_batch, rebinding_rate
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -56,7 +56,7 @@ def test_a_diverged_pack_fails(cuda, capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize("bug,name", [(rebinding_rate, "transition past the capture"),
                                       (rebinding_batch, "train single --device auto")], ids=["rate", "batch"])
 def test_a_graph_replaying_a_stale_input_fails(cuda, capsys, tmp_path, monkeypatch, bug, name):
-    monkeypatch.setattr(Step, "take", bug)
+    monkeypatch.setattr(TrainingStep, "take", bug)
     failures, [line] = lines(capsys, [name], tmp_path)
     assert failures == 1 and "FAIL" in line and "graph against eager" in line, line
 

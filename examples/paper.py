@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 PAPER = ("Nakhodnov, Kodryan, Lobacheva, Vetrov (2022), Dynamics and loss landscape of deep neural networks "
          "trained with the quadratic loss; Kodryan et al. (NeurIPS 2022), Training Scale-Invariant Neural "
@@ -88,6 +88,11 @@ class Scale:
     curvature_at: str = "all"
     density: tuple = ()  # options of sphrun curvature for the spectrum
     probe_steps: int = 20
+    steps_for: int | None = None  # the train set size (the full set, before any subset) that the step counts
+    # finetune_iters, finetune_eval_every, transitions, mse_iters and mse_subset_iters are sized for; given
+    # another (an ImageFolder tree of another size, e.g. a 10 % subset of CIFAR-10), each is scaled by its size
+    # over this one, so that every run sees as many epochs of its data: the same experiment, with fewer steps.
+    # None: fixed step counts, whatever the data (the paper's own iterations; the demo's fixed synthetic set)
 
 
 DEMO = Scale(
@@ -126,6 +131,9 @@ SMALL = Scale(
     points=11, grid=7,
     curvature=("--measures", "fisher-trace,hessian-eig", "--probes", "2", "--lanczos", "5", "--batches", "10"),
     density=("--probes", "2", "--lanczos", "20", "--batches", "10"),
+    steps_for=50000,  # on CIFAR-10's 50,000 images: fine-tunes of 5 epochs (1950 steps) evaluated every epoch,
+    # transitions of 1 and 10 epochs, MSE for 20 epochs on the set (7800 steps) and about 50 on its subset (2000
+    # steps of 5,000 images); on the 10 % subset (5,000 images) the same epochs in 10x fewer steps
 )
 
 PAPER_SCALE = Scale(
@@ -247,12 +255,13 @@ class Experiments:
     """The stages of one scale, in dependency order, built from sphrun commands."""
 
     def __init__(self, scale, data_dir=None, device=None):
-        self.s = scale
         self.data_dir = data_dir
         self.device = ("--device", device) if device else ()
         full_train, self.test_size = FULL_SIZES[scale.dataset]
         if data_dir and os.path.isdir(os.path.join(data_dir, "train")):  # an ImageFolder tree: count its images
             full_train, self.test_size = (count_images(os.path.join(data_dir, split)) for split in ("train", "test"))
+        self.full_train = full_train
+        self.s = scaled(scale, full_train)
         self.train_size = subset_size(scale.subset, full_train)
         self.mse_subset_size = subset_size(scale.mse_subset, full_train)
         self.vgg_size = subset_size(scale.vgg_subset, full_train) if scale.vgg_subset else self.train_size
@@ -509,6 +518,29 @@ class Experiments:
                  "not in the paper: the Hessian's eigenvalue density at the end of a phase-1 run (Ghorbani et al. "
                  "2019): a bulk near 0 and a few outliers"),
         ]
+
+
+def scaled(scale, full_train):
+    """The scale with its step counts scaled to a train set of `full_train` images (see Scale.steps_for)."""
+    if not scale.steps_for or full_train == scale.steps_for:
+        return scale
+    steps = lambda n: max(round(n * full_train / scale.steps_for), 1)
+    return replace(scale, finetune_iters=steps(scale.finetune_iters),
+                   finetune_eval_every=steps(scale.finetune_eval_every),
+                   transitions=tuple(steps(d) for d in scale.transitions), mse_iters=steps(scale.mse_iters),
+                   mse_subset_iters=steps(scale.mse_subset_iters))
+
+
+def scaling_note(experiments):
+    """A line for the plan when the step counts were scaled to the data given; None when they were not."""
+    s = experiments.s
+    if not s.steps_for or experiments.full_train == s.steps_for:
+        return None
+    return (f"its step counts are sized for {s.steps_for:,} train images and this data has "
+            f"{experiments.full_train:,}: each is scaled by {experiments.full_train / s.steps_for:.3g}, the same "
+            f"epochs (fine-tunes of {s.finetune_iters} steps, transitions of "
+            f"{' and '.join(map(str, s.transitions))}, MSE {s.mse_iters} steps on the set and "
+            f"{s.mse_subset_iters} on its subset)")
 
 
 STAGE_ORDER = ("sweep-ce", "seeds", "controls", "mse", "vgg", "finetune", "schedules", "finetune-mse", "connect",
@@ -912,6 +944,9 @@ def stage_estimate(jobs, estimate, record=None):
 
 def print_plan(out, experiments, stages, jobs, record, estimate, commands=False, say=print):
     say(f"the paper at scale {experiments.s.name} into {out}: {experiments.s.about}")
+    note = scaling_note(experiments)
+    if note:
+        say(f"  {note}")
     total = 0.0
     for stage in stages:
         mine = jobs[stage.name]
@@ -966,7 +1001,8 @@ def index_text(out, experiments, stages, record):
     lines = [f"# The paper at scale `{s.name}`", "",
              f"{PAPER}.", "", f"Scale {s.name}: {s.about}. Each figure was drawn by the command beside it, "
              f"run from the folder where `examples/paper.py {s.name} {out}` ran; the runs are in this folder. The "
-             f"last column says what the paper shows, with the paper's ELRs; this scale's are in the commands.", "",
+             f"last column says what the paper shows, with the paper's ELRs; this scale's are in the commands."
+             + (f" Here {scaling_note(experiments)}." if scaling_note(experiments) else ""), "",
              "| paper | figure | command | what the paper shows there |", "|---|---|---|---|"]
     drawn = [(Job(stage.name, c), c.figure) for stage in stages for c in stage.commands if c.figure]
     for job, figure in sorted(drawn, key=lambda pair: pair[1].numbers or (99,)):

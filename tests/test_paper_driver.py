@@ -240,3 +240,34 @@ def test_a_stop_signal_to_the_driver_alone_reaches_the_sphrun_command(tmp_path, 
     threading.Thread(target=stop_the_driver, daemon=True).start()
     code, signum, _ = paper.sphrun_process([])
     assert (code, signum) == (143, signal.SIGTERM)
+
+
+def test_small_on_a_tenth_of_cifar10_is_the_same_experiment_in_ten_times_fewer_steps(tmp_path, monkeypatch):
+    """Small's fine-tune, transition and MSE lengths are step counts sized for CIFAR-10's 50,000 images: on an
+    ImageFolder tree of 5,000 they are a tenth, every run as many passes over its data; demo and paper keep
+    their fixed counts."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    monkeypatch.setattr(paper, "count_images", lambda folder: 5000 if folder.endswith("train") else 1000)
+    full, tenth = paper.Experiments(paper.SMALL), paper.Experiments(paper.SMALL, str(tmp_path))
+    for name in ("finetune_iters", "finetune_eval_every", "mse_iters", "mse_subset_iters"):
+        assert getattr(tenth.s, name) * 10 == getattr(full.s, name), name
+    assert tuple(10 * d for d in tenth.s.transitions) == full.s.transitions
+    stepped = 0
+    for big, small in zip(*([c for s in e.stages() if s.kind == paper.TRAIN for c in s.commands]
+                            for e in (full, tenth))):
+        assert big.args[0] == small.args[0] and len(big.runs) == len(small.runs)
+        if "--iters" in big.args:  # fine-tunes, schedules, MSE: a tenth of the steps on a tenth of the images
+            assert 10 * small.cost.steps == big.cost.steps and 10 * small.cost.train_size == big.cost.train_size
+            stepped += 1
+        else:  # --epochs: the same epochs
+            assert small.args[small.args.index("--epochs") + 1] == big.args[big.args.index("--epochs") + 1]
+    assert stepped == 2 + len(paper.SMALL.lowered + paper.SMALL.raised + paper.SMALL.p2_low_to
+                              + paper.SMALL.p2_high_to + paper.SMALL.transitions + paper.SMALL.mse_lowered)
+    said = []
+    paper.print_plan(str(tmp_path / "out"), tenth, tenth.stages(), paper.share(tenth.stages()),
+                     paper.Record(str(tmp_path / "out")), None, say=said.append)
+    assert "sized for 50,000 train images and this data has 5,000: each is scaled by 0.1" in said[1]
+    assert paper.scaling_note(full) is None
+    for scale in (paper.DEMO, paper.PAPER_SCALE):
+        assert paper.Experiments(scale, str(tmp_path) if scale.dataset == "cifar10" else None).s is scale

@@ -29,6 +29,9 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
+from sphrun import SphrunError
+from sphrun.cli import parse_shard  # the one reading of --shard I/N, as `sphrun train --shard` reads it
+
 PAPER = ("Nakhodnov, Kodryan, Lobacheva, Vetrov (2022), Dynamics and loss landscape of deep neural networks "
          "trained with the quadratic loss; Kodryan et al. (NeurIPS 2022), Training Scale-Invariant Neural "
          "Networks on the Sphere Can Happen in Three Regimes")
@@ -627,16 +630,6 @@ def share(stages, index=0, count=1):
     return jobs
 
 
-def parse_shard(text):
-    try:
-        index, count = (int(p) for p in text.split("/"))
-    except ValueError:
-        raise DriverError(f"--shard must be I/N with whole numbers, like 0/4, got {text!r}")
-    if count < 1 or not 0 <= index < count:
-        raise DriverError(f"--shard {text}: need 0 <= I < N (I counts from 0)")
-    return index, count
-
-
 # --- the probe and the estimates -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Speed:
@@ -1130,7 +1123,7 @@ def main(argv=None):
             f.write(index_text(args.out, experiments, stages, record))
         print(f"wrote {os.path.join(args.out, 'index.md')} and {os.path.join(args.out, 'timings.md')}")
         return 0
-    except DriverError as e:
+    except (DriverError, SphrunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:

@@ -26,11 +26,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
 from sphrun import SphrunError
 from sphrun.cli import parse_shard  # the one reading of --shard I/N, as `sphrun train --shard` reads it
+from sphrun.phase_table import table_path_for
+from sphrun.phases import PHASES, UNDECIDED, in_paper_order
 
 PAPER = ("Nakhodnov, Kodryan, Lobacheva, Vetrov (2022), Dynamics and loss landscape of deep neural networks "
          "trained with the quadratic loss; Kodryan et al. (NeurIPS 2022), Training Scale-Invariant Neural "
@@ -674,7 +677,6 @@ def probe(experiments, run_quietly):
     """Time short sphrun commands in a temporary folder, on a subset of the scale's data: 3 ConvNets in
     passes of 2 and 1 (their metrics' wall_s splits steps from evaluations, one model from two), one
     VGG-16-BN, curvature with 1 and 6 Lanczos steps, two figures."""
-    import tempfile
 
     s = experiments.s
     began = time.monotonic()
@@ -1033,8 +1035,6 @@ PHASES_FIGURE = "figures/fig02-metrics.png"
 def check(out, stages):
     """Problems with a finished folder: a figure missing, or the cross-entropy sweep's phases (the phase
     table of fig. 2) not 1, then 2, then 3 as the ELR grows. Returns (problems, the phases by ELR)."""
-    from sphrun.phase_table import table_path_for
-    from sphrun.phases import PHASES, UNDECIDED, in_paper_order
 
     problems = [f"missing figure {c.figure.file}" for stage in stages for c in stage.commands
                 if c.figure and not os.path.isfile(os.path.join(out, c.figure.file))]

@@ -296,9 +296,14 @@ def phase_figure(runs, x="train_loss", y="gm", aggregate=True):
     ax.set_ylabel(axis_label(y, losses))
     set_scale(ax, "x", all_x, log=x not in ("cos_prev", "cos_init"))
     set_scale(ax, "y", all_y, log=y not in ("cos_prev", "cos_init"))
-    figure.colorbar(cmap, ax=ax, label="ELR")
     seeds = max(len(group.runs) for line in series for group in line)
-    figure_legend(figure, phase_legend(runs, bool(orphan_parents), seeds))  # below: trajectories go anywhere
+    handles = phase_legend(runs, bool(orphan_parents), seeds)
+    elrs = sorted({r.elr for r in runs})
+    if len(elrs) > 1:
+        figure.colorbar(cmap, ax=ax, label="ELR")
+    else:  # one ELR (a run, its seeds, a schedule's fine-tunes): the legend names it; a bar of one value says nothing
+        handles.insert(0, Line2D([], [], color=cmap.to_rgba(elrs[0]), label=f"ELR {elr_text(elrs[0])}"))
+    figure_legend(figure, handles)  # below: trajectories go anywhere
     ax.set_title(title(runs, in_legend=("losses",)))
     return figure
 

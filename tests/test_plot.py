@@ -261,6 +261,22 @@ def test_phase_diagram_draws_each_trajectory_by_step(handmade, drawn_figures, tm
         assert len(labelled_ticks(axis)) >= 2
 
 
+def test_phase_diagram_of_one_elr_names_it_in_the_legend_without_a_colour_bar(handmade):
+    """A colour bar of one value (a single run, a schedule's fine-tunes) spans a made-up range: the legend
+    names the ELR instead, in the lines' colour; two ELRs keep their colour bar."""
+    root, _ = handmade
+    runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]
+    one = render(phase_figure([runs[1]]))
+    assert len(one.axes) == 1
+    (trajectory,) = [l for l in one.axes[0].get_lines() if len(l.get_xdata()) > 1]
+    legend = one.legends[0]
+    assert legend.get_texts()[0].get_text() == "ELR 0.0003"
+    assert to_hex(legend.legend_handles[0].get_color()) == to_hex(trajectory.get_color())
+    two = render(phase_figure(runs[:2]))
+    assert len(two.axes) == 2 and two.axes[1].get_ylabel() == "ELR"
+    assert not any(t.get_text().startswith("ELR") for t in two.legends[0].get_texts())
+
+
 def test_cosine_figure_draws_the_later_half_of_each_run(handmade):
     root, written = handmade
     runs = [r for r in sweep_runs(root) if "-ft-" not in r.path]

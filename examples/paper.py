@@ -530,7 +530,8 @@ def scaled(scale, full_train):
     """The scale with its step counts scaled to a train set of `full_train` images (see Scale.steps_for)."""
     if not scale.steps_for or full_train == scale.steps_for:
         return scale
-    steps = lambda n: max(round(n * full_train / scale.steps_for), 1)
+    def steps(n):
+        return max(round(n * full_train / scale.steps_for), 1)
     return replace(scale, finetune_iters=steps(scale.finetune_iters),
                    finetune_eval_every=steps(scale.finetune_eval_every),
                    transitions=tuple(steps(d) for d in scale.transitions), mse_iters=steps(scale.mse_iters),
@@ -677,7 +678,6 @@ def probe(experiments, run_quietly):
     """Time short sphrun commands in a temporary folder, on a subset of the scale's data: 3 ConvNets in
     passes of 2 and 1 (their metrics' wall_s splits steps from evaluations, one model from two), one
     VGG-16-BN, curvature with 1 and 6 Lanczos steps, two figures."""
-
     s = experiments.s
     began = time.monotonic()
     folder = tempfile.mkdtemp(prefix="sphrun-paper-probe-")
@@ -1035,7 +1035,6 @@ PHASES_FIGURE = "figures/fig02-metrics.png"
 def check(out, stages):
     """Problems with a finished folder: a figure missing, or the cross-entropy sweep's phases (the phase
     table of fig. 2) not 1, then 2, then 3 as the ELR grows. Returns (problems, the phases by ELR)."""
-
     problems = [f"missing figure {c.figure.file}" for stage in stages for c in stage.commands
                 if c.figure and not os.path.isfile(os.path.join(out, c.figure.file))]
     table = table_path_for(os.path.join(out, PHASES_FIGURE))
